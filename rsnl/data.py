@@ -1,0 +1,474 @@
+"""Datasets: lists of image files (or in-memory arrays) with labels, split into train / val / test.
+
+Four sources, one result type (`Dataset` of three `ImageSet`s):
+  * CoOp layout (the main path, DESIGN.md section 4): `<root>/<dataset_dir>/<split_json>` with rows
+    `[impath, label, classname]` per split, impath relative to `<root>/<dataset_dir>/<image_dir>`.
+    Every CoOp dataset that ships such a JSON is one line in `COOP_DATASETS`.
+  * DTD in torchvision's layout (`<root>/dtd/dtd/images` + `labels/`), also reachable by download.
+  * `digits`: scikit-learn's 8x8 handwritten digits, shipped inside sklearn, so there is always one
+    real dataset offline (tests, quickstart).
+  * `imagefolder`: `<root>/{train,val,test}/<class>/*.jpg` for one's own data.
+
+Loading only builds file lists (no image is decoded), so it takes milliseconds even for large
+datasets; `verify_images` is the explicit, slower check that every file decodes, run before training.
+Every problem with data is a `DataError` with one line that names the path or key and how to fix it.
+This module imports no Ray and no open_clip; torchvision and sklearn are imported only where used.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+SPLITS = ("train", "val", "test")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+class DataError(ValueError):
+    """One-line, user-facing problem with data: names the path/key and how to fix it."""
+
+    def __init__(self, message: str):
+        # One line always: messages interpolate paths and library errors that may contain newlines.
+        super().__init__(" ".join(str(message).split()))
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(f"{type(err).__name__}: {err}".split())
+
+
+# --------------------------------------------------------------------------------------------------
+# Result types
+
+
+@dataclass(eq=False, repr=False)  # eq/repr off: numpy labels and thousands of sources make both useless
+class ImageSet:
+    name: str  # e.g. "dtd/train"; appears in error messages
+    classnames: list[str]
+    labels: np.ndarray  # int64, shape [N]
+    sources: list  # per image: a file path (str) or an HxWx3 uint8 numpy array (in-memory datasets)
+
+    def __post_init__(self):
+        self.classnames = list(self.classnames)
+        self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
+        self.sources = list(self.sources)
+        if len(self.sources) != len(self.labels):
+            raise DataError(
+                f"{self.name}: {len(self.sources)} images but {len(self.labels)} labels; "
+                "an ImageSet needs one label per image"
+            )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __repr__(self) -> str:
+        return f"ImageSet({self.name!r}, {len(self)} images, {len(self.classnames)} classes)"
+
+    def load(self, i: int) -> Image.Image:
+        """Image i as RGB; an unreadable or corrupt file raises DataError naming the file."""
+        src = self.sources[i]
+        if isinstance(src, np.ndarray):
+            return Image.fromarray(np.ascontiguousarray(src, dtype=np.uint8)).convert("RGB")
+        try:
+            with Image.open(src) as im:
+                return im.convert("RGB")  # convert() decodes fully, so the file can be closed
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+            raise DataError(_bad_image_message(self, i, src, err)) from None
+
+    def fingerprint(self) -> str:
+        """sha256 hex of what the images are, cheaply: a disk-cache key for features.
+
+        Files count by path + size + mtime_ns (one stat each, no reading), so replacing a file
+        changes the key; in-memory arrays count by their bytes.
+        """
+        h = hashlib.sha256()
+        h.update(json.dumps([self.name, self.classnames]).encode())
+        h.update(self.labels.astype("<i8").tobytes())
+        for i, src in enumerate(self.sources):
+            if isinstance(src, np.ndarray):
+                arr = np.ascontiguousarray(src)
+                h.update(f"array{arr.shape}{arr.dtype.str}".encode())
+                h.update(arr.tobytes())
+            else:
+                try:
+                    st = os.stat(src)
+                except OSError as err:
+                    raise DataError(_bad_image_message(self, i, src, err)) from None
+                h.update(f"{src}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()
+
+    def subset(self, indices) -> "ImageSet":
+        """The images at `indices` (in that order), same name and class list."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        return ImageSet(self.name, self.classnames, self.labels[idx], [self.sources[i] for i in idx])
+
+
+@dataclass(eq=False)
+class Dataset:
+    name: str
+    classnames: list[str]
+    train: ImageSet
+    val: ImageSet
+    test: ImageSet
+
+    def splits(self) -> dict[str, ImageSet]:
+        return {"train": self.train, "val": self.val, "test": self.test}
+
+
+def _bad_image_message(imageset: ImageSet, i: int, path, err: BaseException) -> str:
+    return (
+        f"image {path} ({imageset.name} #{i}) cannot be read ({_one_line(err)}); "
+        "replace or delete the file, or fix the split file that lists it"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks used before training
+
+
+def verify_images(imageset: ImageSet, indices=None) -> None:
+    """Decode every listed image (all by default); DataError naming the first bad one."""
+    for i in range(len(imageset)) if indices is None else indices:
+        i = int(i)
+        src = imageset.sources[i]
+        if isinstance(src, np.ndarray):
+            if src.ndim != 3 or src.shape[2] != 3 or src.dtype != np.uint8:
+                raise DataError(
+                    f"in-memory image {imageset.name} #{i} has shape {src.shape} dtype {src.dtype}; "
+                    "expected HxWx3 uint8"
+                )
+            continue
+        try:
+            with Image.open(src) as im:
+                im.verify()  # structure check; verify() leaves the image unusable, so reopen to decode
+            with Image.open(src) as im:
+                im.load()  # catches truncated data that verify() does not see (JPEG)
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+            raise DataError(_bad_image_message(imageset, i, src, err)) from None
+
+
+def check_shots(labels: np.ndarray, classnames, shots: int, split: str) -> None:
+    """Every class must have at least `shots` images in `split` (a name like "dtd/train")."""
+    classnames = list(classnames)
+    if int(shots) < 1:
+        raise DataError(f"shots is {shots}; it must be at least 1")
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(classnames))
+    short = np.flatnonzero(counts < shots)
+    if len(short):
+        c = int(short[0])
+        more = f" ({len(short)} classes are short)" if len(short) > 1 else ""
+        raise DataError(
+            f"class '{classnames[c]}' has {counts[c]} images in {split}, shots is {shots}{more}; "
+            f"use shots <= {int(counts.min())} or add images"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# CoOp layout: a split JSON of [impath, label, classname] rows
+
+
+# name -> (dataset_dir, image_dir, split_json), the folder names of CoOp's DATASETS.md.
+COOP_DATASETS: dict[str, tuple[str, str, str]] = {
+    "dtd": ("dtd", "images", "split_zhou_DescribableTextures.json"),
+    "oxford_pets": ("oxford_pets", "images", "split_zhou_OxfordPets.json"),
+    "caltech101": ("caltech-101", "101_ObjectCategories", "split_zhou_Caltech101.json"),
+    "oxford_flowers": ("oxford_flowers", "jpg", "split_zhou_OxfordFlowers.json"),
+    "food101": ("food-101", "images", "split_zhou_Food101.json"),
+    "stanford_cars": ("stanford_cars", "", "split_zhou_StanfordCars.json"),
+    "eurosat": ("eurosat", "2750", "split_zhou_EuroSAT.json"),
+    "ucf101": ("ucf101", "UCF-101-midframes", "split_zhou_UCF101.json"),
+    "sun397": ("sun397", "SUN397", "split_zhou_SUN397.json"),
+}
+COOP_DOCS_URL = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
+COOP_DOCS = f"CoOp's DATASETS.md ({COOP_DOCS_URL})"
+
+
+def _require_root(name: str, root: str | None, folder: str) -> str:
+    if root is None or str(root).strip() == "":
+        raise DataError(
+            f"dataset '{name}' needs data_root: data_root must be set to the folder that holds {folder}/"
+        )
+    root = os.path.abspath(os.path.expanduser(str(root)))
+    if not os.path.isdir(root):
+        raise DataError(
+            f"data_root {root} does not exist or is not a folder; set data_root to the folder that "
+            f"holds {folder}/"
+        )
+    return root
+
+
+def _read_split_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            content = json.load(f)
+    except json.JSONDecodeError as err:
+        raise DataError(
+            f"split file {path} is not valid JSON ({err.msg} at line {err.lineno} column {err.colno}); "
+            f"get a fresh copy as described in {COOP_DOCS}"
+        ) from None
+    except OSError as err:
+        raise DataError(f"split file {path} cannot be read ({_one_line(err)})") from None
+    if not isinstance(content, dict):
+        raise DataError(f"split file {path} must hold a JSON object with keys {list(SPLITS)}")
+    for split in SPLITS:
+        if not isinstance(content.get(split), list):
+            raise DataError(
+                f"split file {path} has no list under key '{split}'; it needs keys {list(SPLITS)}, "
+                "each a list of [impath, label, classname] rows"
+            )
+    return content
+
+
+def _coop_classnames(path: str, content: dict) -> list[str]:
+    """Class names ordered by label, checking that labels are 0..C-1 and agree with the names."""
+    names: dict[int, str] = {}
+    for split in SPLITS:
+        for r, row in enumerate(content[split]):
+            ok = (
+                isinstance(row, (list, tuple))
+                and len(row) == 3
+                and isinstance(row[0], str)
+                and isinstance(row[1], int)
+                and not isinstance(row[1], bool)
+                and isinstance(row[2], str)
+            )
+            if not ok:
+                raise DataError(
+                    f"split file {path} key '{split}' row {r} is {str(row)[:80]}; "
+                    "each row must be [impath (str), label (int), classname (str)]"
+                )
+            label, cname = row[1], row[2]
+            if names.setdefault(label, cname) != cname:
+                raise DataError(
+                    f"split file {path} key '{split}' row {r}: label {label} is named '{cname}' here "
+                    f"but '{names[label]}' elsewhere; one label must have one class name"
+                )
+    n = len(names)
+    for split in SPLITS:
+        for r, row in enumerate(content[split]):
+            if not 0 <= row[1] < n:
+                raise DataError(
+                    f"split file {path} key '{split}' row {r}: label {row[1]} is out of range; "
+                    f"with {n} class names labels must be 0..{n - 1}"
+                )
+    classnames = [names[c] for c in range(n)]
+    dup = sorted({c for c in classnames if classnames.count(c) > 1})
+    if dup:
+        raise DataError(f"split file {path}: class name '{dup[0]}' belongs to several labels")
+    return classnames
+
+
+def load_coop(name: str, root: str | None, dataset_dir: str, image_dir: str, split_json: str) -> Dataset:
+    """A CoOp-style dataset: `<root>/<dataset_dir>/<split_json>` + images under `<image_dir>`."""
+    root = _require_root(name, root, dataset_dir)
+    base = os.path.join(root, dataset_dir)
+    path = os.path.join(base, split_json)
+    if not os.path.isfile(path):
+        raise DataError(
+            f"split file {path} not found; put {name} at {base} with {split_json} and images under "
+            f"{os.path.join(base, image_dir)} as described in {COOP_DOCS}"
+        )
+    content = _read_split_json(path)
+    classnames = _coop_classnames(path, content)
+    image_root = os.path.join(base, image_dir)
+    sets = {}
+    for split in SPLITS:
+        rows = content[split]
+        sources = [os.path.join(image_root, row[0]) for row in rows]
+        # One stat per split, not per image: catches a wrong image_dir at once while staying O(1);
+        # a single missing file is found by fingerprint() / verify_images().
+        if sources and not os.path.isfile(sources[0]):
+            raise DataError(
+                f"image {sources[0]} listed in {path} (key '{split}') not found; images must be under "
+                f"{image_root} as described in {COOP_DOCS}"
+            )
+        labels = np.array([row[1] for row in rows], dtype=np.int64)
+        sets[split] = ImageSet(f"{name}/{split}", classnames, labels, sources)
+    return Dataset(name, classnames, sets["train"], sets["val"], sets["test"])
+
+
+# --------------------------------------------------------------------------------------------------
+# DTD: CoOp layout first, else torchvision's layout (optionally downloaded)
+
+
+def load_dtd(root: str | None, download: bool = False) -> Dataset:
+    dataset_dir, image_dir, split_json = COOP_DATASETS["dtd"]
+    if root is None or str(root).strip() == "" or not download:
+        root = _require_root("dtd", root, dataset_dir)
+    root = os.path.abspath(os.path.expanduser(str(root)))
+    coop_json = os.path.join(root, dataset_dir, split_json)
+    tv_images = os.path.join(root, "dtd", "dtd", "images")
+    tv_labels = os.path.join(root, "dtd", "dtd", "labels")
+    if os.path.isfile(coop_json):
+        return load_coop("dtd", root, dataset_dir, image_dir, split_json)
+    if not (os.path.isdir(tv_images) and os.path.isdir(tv_labels)):
+        if not download:
+            raise DataError(
+                f"DTD not found under data_root {root}: looked for {coop_json} (CoOp layout, images in "
+                f"{os.path.join(root, dataset_dir, image_dir)}) and {tv_images} + {tv_labels} "
+                f"(torchvision layout); get DTD in CoOp's layout (dtd/images + dtd/{split_json}, see "
+                f"{COOP_DOCS_URL}) or set download: true to fetch torchvision's layout (needs a network)"
+            )
+        _download_dtd(root)
+    return _load_dtd_torchvision(root)
+
+
+def _download_dtd(root: str) -> None:
+    from torchvision.datasets import DTD  # imported here: torchvision is slow to import
+
+    try:
+        DTD(root, split="train", partition=1, download=True)
+    except Exception as err:  # network errors come in many types; all mean the same to the user
+        raise DataError(
+            f"downloading DTD into {os.path.join(root, 'dtd')} failed ({_one_line(err)}); without a "
+            f"network, copy DTD there in CoOp's layout as described in {COOP_DOCS}"
+        ) from None
+
+
+def _load_dtd_torchvision(root: str) -> Dataset:
+    from torchvision.datasets import DTD
+
+    parts = {}
+    for split in SPLITS:
+        try:
+            parts[split] = DTD(root, split=split, partition=1)
+        except (OSError, ValueError, RuntimeError) as err:
+            raise DataError(
+                f"DTD in torchvision's layout under {os.path.join(root, 'dtd', 'dtd')} cannot be read "
+                f"for split '{split}' ({_one_line(err)}); re-download it or use CoOp's layout"
+            ) from None
+    # torchvision numbers classes per split (sorted names in that split's list); map val/test onto
+    # train's numbering by name so that a label means the same class in every split.
+    classnames = list(parts["train"].classes)
+    index = {c: i for i, c in enumerate(classnames)}
+    sets = {}
+    for split, ds in parts.items():
+        # DTD exposes no public file list; _image_files/_labels are stable since torchvision 0.12.
+        missing = sorted(set(ds.classes) - set(index))
+        if missing:
+            raise DataError(
+                f"DTD labels file {os.path.join(root, 'dtd', 'dtd', 'labels', split + '1.txt')} has "
+                f"class '{missing[0]}' that is not in train1.txt; the label files must share classes"
+            )
+        labels = np.array([index[ds.classes[y]] for y in ds._labels], dtype=np.int64)
+        sources = [str(p) for p in ds._image_files]
+        sets[split] = ImageSet(f"dtd/{split}", classnames, labels, sources)
+    return Dataset("dtd", classnames, sets["train"], sets["val"], sets["test"])
+
+
+# --------------------------------------------------------------------------------------------------
+# digits: scikit-learn's 8x8 handwritten digits, real images that need no download
+
+DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+DIGITS_SIZE = 32
+DIGITS_SPLIT_SEED = 0  # fixed: the split is part of the dataset, not of a trial's seed
+
+
+def load_digits_dataset(root: str | None = None, download: bool = False) -> Dataset:
+    """1797 digits, upscaled to 32x32 RGB in memory; fixed stratified 60/20/20 split per class."""
+    from sklearn.datasets import load_digits
+
+    raw = load_digits()
+    grey = np.rint(raw.images * (255.0 / 16.0)).astype(np.uint8)  # values 0..16 -> 0..255
+    # Bilinear rather than nearest: 8x8 blocks blown up 4x are hard edges no natural image has;
+    # bilinear gives soft strokes closer to what CLIP was trained on (CLIP resizes to 224 anyway).
+    images = [
+        np.repeat(
+            np.asarray(Image.fromarray(g).resize((DIGITS_SIZE, DIGITS_SIZE), Image.BILINEAR))[..., None],
+            3,
+            axis=2,
+        )
+        for g in grey
+    ]
+    targets = raw.target.astype(np.int64)
+    rng = np.random.default_rng(DIGITS_SPLIT_SEED)
+    parts = {s: [] for s in SPLITS}
+    for c in range(len(DIGIT_NAMES)):
+        idx = rng.permutation(np.flatnonzero(targets == c))
+        n_train, n_val = round(0.6 * len(idx)), round(0.2 * len(idx))
+        parts["train"].append(idx[:n_train])
+        parts["val"].append(idx[n_train : n_train + n_val])
+        parts["test"].append(idx[n_train + n_val :])
+    sets = {}
+    for split in SPLITS:
+        idx = np.sort(np.concatenate(parts[split]))
+        sets[split] = ImageSet(f"digits/{split}", DIGIT_NAMES, targets[idx], [images[i] for i in idx])
+    return Dataset("digits", list(DIGIT_NAMES), sets["train"], sets["val"], sets["test"])
+
+
+# --------------------------------------------------------------------------------------------------
+# imagefolder: <root>/{train,val,test}/<class>/*.jpg
+
+
+def load_imagefolder(root: str | None, download: bool = False) -> Dataset:
+    root = _require_root("imagefolder", root, "train, val, test")
+    classes: dict[str, list[str]] = {}
+    for split in SPLITS:
+        folder = os.path.join(root, split)
+        if not os.path.isdir(folder):
+            raise DataError(
+                f"split folder {folder} not found; imagefolder needs {root}/{{train,val,test}}/<class>/*.jpg"
+            )
+        classes[split] = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    classnames = classes["train"]
+    if not classnames:
+        raise DataError(f"split folder {os.path.join(root, 'train')} has no class folders; add <class>/*.jpg")
+    sets = {}
+    for split in SPLITS:
+        if classes[split] != classnames:
+            diff = sorted(set(classes[split]) ^ set(classnames))
+            raise DataError(
+                f"split folder {os.path.join(root, split)} has other classes than train (differ: "
+                f"{', '.join(diff[:5])}); val and test must have the same class folders as train"
+            )
+        sources, labels = [], []
+        for c, cname in enumerate(classnames):
+            folder = os.path.join(root, split, cname)
+            files = sorted(
+                e.path for e in os.scandir(folder) if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)
+            )
+            sources += files
+            labels += [c] * len(files)
+        if not sources:
+            raise DataError(
+                f"split folder {os.path.join(root, split)} holds no images ({', '.join(IMAGE_EXTENSIONS)})"
+            )
+        sets[split] = ImageSet(f"imagefolder/{split}", classnames, np.array(labels, dtype=np.int64), sources)
+    return Dataset("imagefolder", classnames, sets["train"], sets["val"], sets["test"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Registry: name -> loader(root, download) -> Dataset
+
+def _load_coop_entry(name: str, root: str | None, download: bool = False) -> Dataset:
+    # CoOp's datasets cannot be downloaded by a script (several need a manual licence step).
+    return load_coop(name, root, *COOP_DATASETS[name])
+
+
+DATASETS: dict[str, Callable[..., Dataset]] = {
+    **{name: partial(_load_coop_entry, name) for name in COOP_DATASETS},
+    "dtd": load_dtd,  # CoOp layout, or torchvision's layout / download
+    "digits": load_digits_dataset,
+    "imagefolder": load_imagefolder,
+}
+
+
+def list_datasets() -> list[str]:
+    return sorted(DATASETS)
+
+
+def load_dataset(name: str, root: str | None = None, download: bool = False) -> Dataset:
+    """Load a registered dataset's file lists (no image is decoded here)."""
+    key = str(name).strip().lower()
+    if key not in DATASETS:
+        close = difflib.get_close_matches(key, list_datasets(), n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise DataError(f"unknown dataset '{name}'; {hint}known datasets: {', '.join(list_datasets())}")
+    return DATASETS[key](root, download=download)
