@@ -1,0 +1,14 @@
+"""rsnl: robust-similarity prompt learning for CLIP on few-shot data with noisy labels.
+
+The library (this package) never imports Ray; the study layer lives in `tune/`.
+Modules, one idea each:
+  config      the validated trial configuration
+  data        datasets (CoOp split JSON, torchvision DTD, digits, image folders)
+  noise       few-shot sampling with injected label noise
+  models      open_clip loading and the prompt matrix (text side)
+  features    frozen image features, computed once, in a content-keyed disk cache
+  similarity  prompt / feature / robust similarity and clean-sample selection
+  train       the epoch loop, metrics and checkpoints (also `python -m rsnl.train`)
+"""
+
+__version__ = "0.1.0"

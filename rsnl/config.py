@@ -1,0 +1,192 @@
+"""The trial configuration: one validated dataclass (DESIGN sections 3-4 give the defaults).
+
+Every problem is reported as one line naming the key and what is allowed, before anything costly
+starts. Values from YAML or `--set key=value` go through the same checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line naming the key."""
+
+
+def _choices(*allowed):
+    return {"choices": allowed}
+
+
+def _range(lo=None, hi=None, lo_open=False, hi_open=False):
+    return {"range": (lo, hi, lo_open, hi_open)}
+
+
+@dataclass
+class TrialConfig:
+    # data and noise
+    dataset: str = field(default="dtd", metadata={"help": "dataset name (rsnl.data.list_datasets())"})
+    data_root: str | None = field(default=None, metadata={"help": "folder that holds the dataset"})
+    download: bool = field(default=False, metadata={"help": "download the dataset if missing (needs network)"})
+    shots: int = field(default=16, metadata=_range(1))
+    val_shots: int | None = field(default=None, metadata={**_range(1), "help": "val sample per class (None: shots)"})
+    noise_type: str = field(default="ptnl", metadata=_choices("ptnl", "symmetric", "pairflip"))
+    noise_rate: float = field(default=0.0, metadata=_range(0.0, 1.0, hi_open=True))
+    seed: int = field(default=1, metadata=_range(0))
+    # model
+    backbone: str = field(default="RN50", metadata={"help": "open_clip model name or rsnl-tiny"})
+    pretrained: str | None = field(default="openai", metadata={"help": "tag, checkpoint path, or none"})
+    blocks: int = field(default=6, metadata=_range(1, 64))
+    n_ctx: int = field(default=16, metadata=_range(1, 64))
+    ctx_init: str | None = None
+    csc: bool = False
+    class_token_position: str = field(default="end", metadata=_choices("end", "middle", "front"))
+    # optimisation
+    epochs: int = field(default=50, metadata=_range(1))
+    batch_size: int = field(default=32, metadata=_range(1))
+    lr: float = field(default=0.002, metadata=_range(0.0, lo_open=True))
+    momentum: float = field(default=0.9, metadata=_range(0.0, 1.0, hi_open=True))
+    weight_decay: float = field(default=5e-4, metadata=_range(0.0))
+    warmup_epochs: int = field(default=1, metadata=_range(0))
+    warmup_lr: float = field(default=1e-5, metadata=_range(0.0, lo_open=True))
+    loss: str = field(default="ce", metadata=_choices("ce", "gce", "mae"))
+    gce_q: float = field(default=0.7, metadata=_range(0.0, 1.0, lo_open=True))
+    # robust similarity and selection
+    alpha_base: float = field(default=0.2, metadata=_range(0.0, 1.0))
+    alpha_rate: float = field(default=35.0, metadata=_range(0.0, lo_open=True))
+    selector: str = field(default="gmm", metadata=_choices("gmm", "ratio", "none"))
+    select_ratio: float = field(default=0.5, metadata=_range(0.0, 1.0, lo_open=True))
+    gmm_threshold: float = field(default=0.5, metadata=_range(0.0, 1.0))
+    gmm_reg_covar: float = field(default=5e-4, metadata=_range(0.0, lo_open=True))
+    # features and runtime
+    aug_views: int = field(default=10, metadata={**_range(0), "help": "precomputed augmented views per image"})
+    precision: str = field(default="auto", metadata=_choices("auto", "fp32", "bf16", "fp16"))
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    cache_dir: str | None = field(default=None, metadata={"help": "feature cache (None: $RSNL_CACHE or ~/.cache/rsnl)"})
+    feature_batch_size: int = field(default=64, metadata=_range(1))
+    num_workers: int = field(default=0, metadata=_range(0))
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _check(f, getattr(self, f.name)))
+        if isinstance(self.pretrained, str) and self.pretrained.lower() in ("none", "null", ""):
+            self.pretrained = None
+        if self.ctx_init is not None and not self.ctx_init.strip():
+            raise ConfigError("ctx_init: must be a non-empty text such as 'a photo of a', or null")
+        if self.device not in ("auto", "cpu", "cuda") and not _is_cuda_index(self.device):
+            raise ConfigError(f"device: {self.device!r} is not allowed; use auto, cpu, cuda or cuda:N")
+        if not self.backbone.strip():
+            raise ConfigError("backbone: must be an open_clip model name or rsnl-tiny")
+        from rsnl.data import DATASETS
+        if self.dataset not in DATASETS:
+            raise ConfigError(f"dataset: {self.dataset!r} is not known{_suggest(self.dataset, DATASETS)}; "
+                              f"allowed: {', '.join(sorted(DATASETS))}")
+
+    # --- construction -----------------------------------------------------------------------
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrialConfig":
+        if not isinstance(values, dict):
+            raise ConfigError(f"trial config must be a mapping of keys to values, got {type(values).__name__}")
+        unknown = [k for k in values if k not in cls.keys()]
+        if unknown:
+            k = unknown[0]
+            raise ConfigError(f"{k}: unknown key{_suggest(k, cls.keys())}")
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, overrides: list[str] | None = None) -> "TrialConfig":
+        values = load_yaml(path)
+        values.update(parse_overrides(overrides or []))
+        return cls.from_dict(values)
+
+    def replace(self, **changes) -> "TrialConfig":
+        return TrialConfig.from_dict({**self.to_dict(), **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_yaml(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+    return values
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`key=value` strings; values are read as YAML scalars (0.5 -> float, true -> bool, null -> None)."""
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out
+
+
+def _suggest(word: str, options) -> str:
+    close = difflib.get_close_matches(str(word), list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _is_cuda_index(device: str) -> bool:
+    head, _, idx = device.partition(":")
+    return head == "cuda" and idx.isdigit()
+
+
+def _type_name(tp) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[tp]
+
+
+def _check(f: dataclasses.Field, value):
+    """Type and range check of one field; returns the value coerced where lossless (int -> float)."""
+    tp = f.type if isinstance(f.type, str) else f.type.__name__
+    optional = "None" in tp
+    base = {"int": int, "float": float, "bool": bool, "str": str}[tp.split("|")[0].strip()]
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{f.name}: must be {_type_name(base)}, got null")
+    ok = (isinstance(value, bool) if base is bool
+          else isinstance(value, (int, float)) and not isinstance(value, bool) if base is float
+          else isinstance(value, int) and not isinstance(value, bool) if base is int
+          else isinstance(value, str))
+    if not ok:
+        raise ConfigError(f"{f.name}: must be {_type_name(base)}, got {value!r}")
+    if base is float:
+        value = float(value)
+    meta = f.metadata
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(f"{f.name}: {value!r} is not allowed{_suggest(value, meta['choices'])}; "
+                          f"allowed: {', '.join(meta['choices'])}")
+    if "range" in meta:
+        lo, hi, lo_open, hi_open = meta["range"]
+        if (value != value or (lo is not None and (value < lo or (lo_open and value == lo)))
+                or (hi is not None and (value > hi or (hi_open and value == hi)))):
+            raise ConfigError(f"{f.name}: {value!r} is out of range; allowed: {_interval(lo, hi, lo_open, hi_open)}")
+    return value
+
+
+def _interval(lo, hi, lo_open, hi_open) -> str:
+    if hi is None:
+        return f"{'>' if lo_open else '>='} {lo}"
+    return f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"

@@ -1,0 +1,121 @@
+"""Robust similarity and clean-sample selection (DESIGN section 3).
+
+G_i = alpha * z(p)_i + (1 - alpha) * z(g)_i, z-scored within each noisy class, where
+p_i = mean_b cos(f_i, t_{b, y~_i}) is the prompt similarity and g_i = -mean_j ||f_i - f_j|| over the
+samples j sharing i's noisy label is the feature similarity. A GMM per class on G keeps the samples of
+the higher-mean component.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+SELECTORS = ("gmm", "ratio", "none")
+
+
+def alpha_schedule(epoch: int, base: float = 0.2, rate: float = 35.0) -> float:
+    """alpha(epoch) = min(1, base * exp(epoch / rate)), epoch 0-indexed: early on G trusts the
+    feature structure, later the learned prompts."""
+    return min(1.0, base * math.exp(epoch / rate))
+
+
+def zscore_within(values, labels) -> np.ndarray:
+    """Mean 0, std 1 within each label group; a group with std 0 gives 0."""
+    v = np.asarray(values, dtype=np.float64)
+    labels = np.asarray(labels)
+    out = np.zeros_like(v)
+    for c in np.unique(labels):
+        idx = labels == c
+        std = v[idx].std()
+        out[idx] = (v[idx] - v[idx].mean()) / std if std > 1e-12 else 0.0
+    return out
+
+
+def prompt_similarity(image_features: torch.Tensor, text_features: torch.Tensor, labels) -> np.ndarray:
+    """z(p): p_i = mean over blocks of cos(f_i, t_{b, y~_i}).
+
+    image_features [N, D], text_features [blocks, C, D] (both L2-normalised), labels the noisy ones.
+    """
+    y = torch.as_tensor(np.asarray(labels), device=text_features.device)
+    t = text_features[:, y].float()                                   # [blocks, N, D]
+    p = (t * image_features.float().unsqueeze(0)).sum(-1).mean(0)       # [N]
+    return zscore_within(p.detach().cpu().numpy(), labels)
+
+
+def feature_similarity(features: torch.Tensor, labels) -> np.ndarray:
+    """z(g): g_i = -mean_{j != i} ||f_i - f_j|| among samples with i's noisy label; higher = more typical."""
+    labels = np.asarray(labels)
+    f = features.float()
+    g = np.zeros(len(labels))
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) < 2:
+            continue
+        d = torch.cdist(f[idx], f[idx])
+        g[idx] = -(d.sum(1) / (len(idx) - 1)).cpu().numpy()
+    return zscore_within(g, labels)
+
+
+def robust_similarity(prompt_sim, feature_sim, alpha: float) -> np.ndarray:
+    """G = alpha * z(p) + (1 - alpha) * z(g)."""
+    return alpha * np.asarray(prompt_sim) + (1.0 - alpha) * np.asarray(feature_sim)
+
+
+def select_clean(scores, labels, method: str = "gmm", threshold: float = 0.5, ratio: float = 0.5,
+                 reg_covar: float = 5e-4, seed: int = 0) -> np.ndarray:
+    """Boolean keep-mask over samples, decided within each noisy class.
+
+    gmm:   2-component Gaussian mixture on the scores; keep posterior(higher-mean component) >= threshold.
+           Classes with fewer than 4 samples or a single distinct score keep all.
+    ratio: keep the top ceil(ratio * n) scores of each class.
+    none:  keep all.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels)
+    if method not in SELECTORS:
+        raise ValueError(f"selector {method!r}: allowed {', '.join(SELECTORS)}")
+    keep = np.ones(len(scores), dtype=bool)
+    if method == "none":
+        return keep
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        s = scores[idx]
+        if method == "ratio":
+            k = int(math.ceil(ratio * len(idx)))
+            keep[idx] = False
+            keep[idx[np.argsort(-s, kind="stable")[:k]]] = True
+        elif len(idx) >= 4 and np.ptp(s) > 1e-12:
+            keep[idx] = _gmm_keep(s, threshold, reg_covar, seed)
+    return keep
+
+
+def _gmm_keep(s: np.ndarray, threshold: float, reg_covar: float, seed: int) -> np.ndarray:
+    from sklearn.mixture import GaussianMixture
+    gmm = GaussianMixture(n_components=2, reg_covar=reg_covar, max_iter=100, tol=1e-3, random_state=seed)
+    x = s.reshape(-1, 1)
+    gmm.fit(x)
+    means = gmm.means_.ravel()
+    if abs(means[0] - means[1]) < 1e-9:  # collapsed to one component
+        return np.ones(len(s), dtype=bool)
+    return gmm.predict_proba(x)[:, int(np.argmax(means))] >= threshold
+
+
+def selection_metrics(keep, is_noisy, scores=None) -> dict[str, float]:
+    """kept_frac, select_precision (clean share of kept), select_recall (kept share of clean),
+    noise_auroc (AUROC of the scores for clean vs noisy; NaN when only one kind is present)."""
+    keep = np.asarray(keep, dtype=bool)
+    clean = ~np.asarray(is_noisy, dtype=bool)
+    kept_clean = float((keep & clean).sum())
+    out = {
+        "kept_frac": float(keep.mean()) if len(keep) else float("nan"),
+        "select_precision": kept_clean / keep.sum() if keep.any() else float("nan"),
+        "select_recall": kept_clean / clean.sum() if clean.any() else float("nan"),
+        "noise_auroc": float("nan"),
+    }
+    if scores is not None and clean.any() and (~clean).any():
+        from sklearn.metrics import roc_auc_score
+        out["noise_auroc"] = float(roc_auc_score(clean, np.asarray(scores)))
+    return out
