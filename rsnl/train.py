@@ -103,7 +103,10 @@ def trial_data(cfg: TrialConfig, bank: FeatureBank) -> TrialData:
     v = sample_noisy_fewshot(bank.val_labels, C, cfg.val_shots or cfg.shots, cfg.noise_rate, cfg.noise_type,
                              cfg.seed)
     idx = torch.as_tensor(s.indices)
-    views = bank.train_views[:, idx] if bank.train_views is not None and cfg.aug_views > 0 else None
+    # A bank may hold more views than this trial uses; view v is the same whatever their number.
+    views = bank.train_views[: cfg.aug_views, idx] if bank.train_views is not None and cfg.aug_views > 0 else None
+    if views is not None and views.shape[0] < cfg.aug_views:
+        raise ValueError(f"feature bank has {views.shape[0]} augmented views, the trial asks for {cfg.aug_views}")
     return TrialData(train=bank.train[idx], train_views=views, sample=s, val=bank.val[torch.as_tensor(v.indices)],
                      val_sample=v, test=bank.test, test_labels=np.asarray(bank.test_labels))
 

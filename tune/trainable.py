@@ -1,0 +1,102 @@
+"""The Tune trainable: one trial = one rsnl Trainer per group member, stepped an epoch at a time.
+
+Each epoch reports the group mean of every metric (the objective), each member's own metrics under
+`group/<member>/...`, and a checkpoint holding every member's state, so that a retried or resumed
+trial continues exactly where it stopped. Image features arrive ready-made (FeatureBank via the
+object store); a trial never runs the image tower.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rsnl.models import load_clip_full
+from rsnl.train import build_trainer, resolve_device
+
+STATE_FILE = "state.pt"
+FAULT_ENV = "RSNL_FAULT_AT_EPOCH"       # tests: raise once when this epoch is reached ...
+FAULT_MARKER_ENV = "RSNL_FAULT_MARKER"  # ... and leave this file, so that the retry passes
+
+_clips: dict[tuple, object] = {}  # per worker process: reused by trials of a reused actor
+
+
+def bank_key(cfg) -> tuple:
+    """Trials whose configs agree on this share one FeatureBank."""
+    return (cfg.dataset, cfg.data_root or os.environ.get("RSNL_DATA"), cfg.backbone, cfg.pretrained,
+            cfg.aug_views, cfg.precision, cfg.device)
+
+
+def _clip(cfg, device):
+    key = (cfg.backbone, cfg.pretrained, str(device))
+    if key not in _clips:
+        _clips[key] = load_clip_full(cfg.backbone, cfg.pretrained, device)
+    return _clips[key]
+
+
+def aggregate(members: dict[str, dict]) -> dict:
+    """Mean over members of every numeric metric (NaN-aware), plus the members themselves."""
+    first = next(iter(members.values()))
+    out = {}
+    for k, v in first.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            vals = [m[k] for m in members.values() if not (isinstance(m[k], float) and math.isnan(m[k]))]
+            out[k] = float(np.mean(vals)) if vals else float("nan")
+    out["epoch"] = int(first["epoch"])
+    if len(members) > 1:
+        out["group"] = members
+    return out
+
+
+def _maybe_fail(epoch: int) -> None:
+    at, marker = os.environ.get(FAULT_ENV), os.environ.get(FAULT_MARKER_ENV)
+    if at is not None and int(at) == epoch and marker and not Path(marker).exists():
+        Path(marker).write_text(f"failed once at epoch {epoch}\n")
+        raise RuntimeError(f"injected fault at epoch {epoch} ({FAULT_ENV})")
+
+
+def train_trial(config: dict, study=None, banks=None) -> None:
+    """Function trainable; `study` and `banks` come through tune.with_parameters."""
+    from ray import tune
+
+    members = study.trial_configs(config)
+    device = resolve_device(members[0][1].device)
+    trainers = {}
+    for name, cfg in members:
+        bank = banks[bank_key(cfg)]
+        if not hasattr(bank, "train"):  # an ObjectRef from the feature task
+            import ray
+            bank = banks[bank_key(cfg)] = ray.get(bank)
+        clip = _clip(cfg, device)
+        if clip.identity != bank.identity:
+            raise RuntimeError(f"feature bank of {bank.identity} does not match the trial's model {clip.identity}")
+        trainers[name] = build_trainer(cfg, clip, bank)
+
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+        for name, trainer in trainers.items():
+            trainer.load_state_dict(state["members"][name])
+
+    while not all(t.done for t in trainers.values()):
+        results = {name: t.train_epoch() for name, t in trainers.items()}
+        metrics = aggregate(results)
+        _maybe_fail(metrics["epoch"])
+        with tempfile.TemporaryDirectory() as d:
+            torch.save({"members": {n: t.state_dict() for n, t in trainers.items()}}, Path(d) / STATE_FILE)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def compute_bank(cfg_dict: dict):
+    """Build (or read from the disk cache) one FeatureBank; runs as a Ray task, once per study."""
+    from rsnl.config import TrialConfig
+    from rsnl.train import load_inputs
+    stats = {}
+    _, bank = load_inputs(TrialConfig.from_dict(cfg_dict), stats=stats)
+    return bank, stats
