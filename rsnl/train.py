@@ -224,6 +224,8 @@ class Trainer:
             **selection_metrics(keep, self.data.sample.is_noisy, g),
             "epoch_seconds": time.perf_counter() - start,
         }
+        # Plain Python numbers: checkpoints are read back with weights_only=True, which refuses numpy scalars.
+        metrics = {k: int(v) if k == "epoch" else float(v) for k, v in metrics.items()}
         if not math.isfinite(metrics["train_loss"]):
             raise NonFiniteError(f"epoch {e}: train_loss is {metrics['train_loss']}")
         self.epoch += 1

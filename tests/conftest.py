@@ -43,3 +43,84 @@ def imagefolder_root(tmp_path):
     root = tmp_path / "folder_data"
     make_imagefolder_tree(root)
     return root
+
+
+# ---- models and features (rsnl/models.py, rsnl/features.py, rsnl/train.py) --------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_clip():
+    """One random-init rsnl-tiny (rsnl.models.LoadedClip), frozen; tests must not change its weights."""
+    from rsnl.models import load_clip_full
+
+    return load_clip_full("rsnl-tiny", None)
+
+
+@pytest.fixture(scope="session")
+def digits_inputs(tmp_path_factory, tiny_clip):
+    """(base TrialConfig, LoadedClip, FeatureBank) for digits + rsnl-tiny with 2 augmented views,
+    features built once into a session cache. Derive trial configs with cfg.replace(...)."""
+    from rsnl.config import TrialConfig
+    from rsnl.data import load_dataset
+    from rsnl.features import build_feature_bank
+
+    cache = tmp_path_factory.mktemp("digits_cache")
+    cfg = TrialConfig(dataset="digits", backbone="rsnl-tiny", pretrained=None, shots=8, noise_type="ptnl",
+                      noise_rate=0.5, seed=1, epochs=3, batch_size=16, n_ctx=4, blocks=2, aug_views=2,
+                      device="cpu", cache_dir=str(cache))
+    bank = build_feature_bank(load_dataset("digits"), tiny_clip.model, tiny_clip.preprocess, tiny_clip.identity,
+                              aug_views=cfg.aug_views, cache_dir=cache)
+    return cfg, tiny_clip, bank
+
+
+# ---- Ray studies (tune/, analysis/) --------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def ray_env(tmp_path_factory):
+    """Environment for a Ray started by a test or a subprocess: no auth token in ~/.ray, session files
+    under the test's tmp dir. Returns the dict of variables (also set in os.environ)."""
+    ray_tmp = tmp_path_factory.mktemp("ray")
+    env = {"RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": str(ray_tmp), "RAY_USAGE_STATS_ENABLED": "0",
+           "HF_HUB_OFFLINE": "1",
+           # tune/trainable.py's fault hook: inert until a test writes this file
+           "RSNL_FAULT_FILE": str(ray_tmp / "fault.json")}
+    os.environ.update(env)
+    return env
+
+
+@pytest.fixture(scope="session")
+def ray_session(ray_env):
+    """One local Ray for the whole test session (2 CPUs), shut down at the end."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             _temp_dir=ray_env["RAY_TMPDIR"], log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def study_cache(tmp_path_factory):
+    """A feature cache shared by the session's studies (digits + rsnl-tiny)."""
+    return tmp_path_factory.mktemp("study_cache")
+
+
+@pytest.fixture(scope="session")
+def grid_experiment(ray_session, tmp_path_factory, study_cache):
+    """A finished miniature ablation (tests/studies.py:grid_study): its experiment folder."""
+    from studies import grid_study, run
+
+    storage = tmp_path_factory.mktemp("grid_storage")
+    _, path, _ = run(grid_study(storage, study_cache))
+    return path
+
+
+@pytest.fixture(scope="session")
+def optuna_experiment(ray_session, tmp_path_factory, study_cache):
+    """A finished miniature Optuna search with a group of 2 seeds: its experiment folder."""
+    from studies import optuna_study, run
+
+    storage = tmp_path_factory.mktemp("optuna_storage")
+    _, path, _ = run(optuna_study(storage, study_cache))
+    return path

@@ -114,6 +114,13 @@ def build_tuner(study: StudyConfig, banks: dict, exp: str, resume: bool):
     if study.kind in ("optuna", "random") and "://" not in study.storage:
         callbacks.append(OptunaRecorder(storage_url(exp), study))
     name = _trial_dirname(study)
+    # A compact status table (the default prints every member metric of every result).
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    columns = {"epoch": "epoch", "val_acc": "val_acc", "test_acc": "test_acc", "kept_frac": "kept",
+               "select_precision": "precision", "select_recall": "recall"}
+    params = (["variant/name"] if study.variants else []) + list(study.params)
+    reporter = tune.CLIReporter(metric_columns=columns, parameter_columns=params, max_report_frequency=30,
+                                sort_by_metric=True)
     return tune.Tuner(
         trainable,
         param_space=study.param_space(),
@@ -125,7 +132,8 @@ def build_tuner(study: StudyConfig, banks: dict, exp: str, resume: bool):
         run_config=tune.RunConfig(
             name=study.name, storage_path=study.storage_path(), callbacks=callbacks,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            failure_config=tune.FailureConfig(max_failures=study.max_failures), verbose=1),
+            failure_config=tune.FailureConfig(max_failures=study.max_failures), progress_reporter=reporter,
+            verbose=1),
     )
 
 

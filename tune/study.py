@@ -96,7 +96,7 @@ class StudyConfig:
 
     def validate_trials(self) -> list[TrialConfig]:
         """Builds every reachable trial config (cheap); raises ConfigError on the first bad one."""
-        seen = []
+        seen = [TrialConfig.from_dict(self.trial)]  # the defaults too, even where every trial overrides one
         for o in self.corner_overrides():
             for _, cfg in self.trial_configs(o):
                 seen.append(cfg)

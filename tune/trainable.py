@@ -20,8 +20,9 @@ from rsnl.models import load_clip_full
 from rsnl.train import build_trainer, resolve_device
 
 STATE_FILE = "state.pt"
-FAULT_ENV = "RSNL_FAULT_AT_EPOCH"       # tests: raise once when this epoch is reached ...
-FAULT_MARKER_ENV = "RSNL_FAULT_MARKER"  # ... and leave this file, so that the retry passes
+# Fault injection for tests: when $RSNL_FAULT_FILE names an existing JSON file {"epoch": k}, the first
+# trial to finish epoch k raises once (it leaves "<file>.done"), so that Tune's retry is exercised.
+FAULT_ENV = "RSNL_FAULT_FILE"
 
 _clips: dict[tuple, object] = {}  # per worker process: reused by trials of a reused actor
 
@@ -54,14 +55,19 @@ def aggregate(members: dict[str, dict]) -> dict:
 
 
 def _maybe_fail(epoch: int) -> None:
-    at, marker = os.environ.get(FAULT_ENV), os.environ.get(FAULT_MARKER_ENV)
-    if at is not None and int(at) == epoch and marker and not Path(marker).exists():
-        Path(marker).write_text(f"failed once at epoch {epoch}\n")
-        raise RuntimeError(f"injected fault at epoch {epoch} ({FAULT_ENV})")
+    spec = os.environ.get(FAULT_ENV)
+    if not spec or not Path(spec).is_file():
+        return
+    import json
+    done = Path(spec + ".done")
+    if json.loads(Path(spec).read_text()).get("epoch") == epoch and not done.exists():
+        done.write_text(f"failed once at epoch {epoch}\n")
+        raise RuntimeError(f"injected fault at epoch {epoch} ({FAULT_ENV}={spec})")
 
 
 def train_trial(config: dict, study=None, banks=None) -> None:
     """Function trainable; `study` and `banks` come through tune.with_parameters."""
+    import ray
     from ray import tune
 
     members = study.trial_configs(config)
@@ -70,7 +76,6 @@ def train_trial(config: dict, study=None, banks=None) -> None:
     for name, cfg in members:
         bank = banks[bank_key(cfg)]
         if not hasattr(bank, "train"):  # an ObjectRef from the feature task
-            import ray
             bank = banks[bank_key(cfg)] = ray.get(bank)
         clip = _clip(cfg, device)
         if clip.identity != bank.identity:
@@ -84,9 +89,10 @@ def train_trial(config: dict, study=None, banks=None) -> None:
         for name, trainer in trainers.items():
             trainer.load_state_dict(state["members"][name])
 
+    node = ray.get_runtime_context().get_node_id()[:12]  # which node ran it (several may share one IP)
     while not all(t.done for t in trainers.values()):
         results = {name: t.train_epoch() for name, t in trainers.items()}
-        metrics = aggregate(results)
+        metrics = {**aggregate(results), "node_id": node}
         _maybe_fail(metrics["epoch"])
         with tempfile.TemporaryDirectory() as d:
             torch.save({"members": {n: t.state_dict() for n, t in trainers.items()}}, Path(d) / STATE_FILE)

@@ -1,0 +1,321 @@
+"""The study layer (tune/, launch.py): configs, the trainable, resume, resources, TensorBoard, Optuna.
+
+Studies are tiny (digits + rsnl-tiny on the CPU); the experiments of the session fixtures
+`grid_experiment` / `optuna_experiment` are shared with the analysis tests.
+"""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rsnl.config import ConfigError
+from studies import grid_study, optuna_study, run, tiny_trial
+from tune.study import parse_study
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def results_of(trial_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines() if line.strip()]
+
+
+def trial_dirs(exp) -> list[Path]:
+    return sorted(p for p in Path(exp).iterdir() if (p / "params.json").is_file())
+
+
+# --- study configs, no Ray ---------------------------------------------------------------------
+
+BAD_STUDIES = [
+    ({"nmae": "x"}, "nmae: unknown key (did you mean 'name'?)"),
+    ({"trial": {"noise_rat": 0.5}}, "trial.noise_rat: unknown key (did you mean 'noise_rate'?)"),
+    ({"trial": {"noise_rate": 1.5}}, "noise_rate: 1.5 is out of range"),
+    ({"trial": {"blocks": 0}}, "blocks: 0 is out of range"),
+    ({"trial": {"blocks": "four"}}, "blocks: must be an integer"),
+    ({"trial": {"dataset": "dtdd"}}, "dataset: 'dtdd' is not known (did you mean 'dtd'?)"),
+    ({"search": {"kind": "optuna", "params": {}}}, "search.params: empty"),
+    ({"search": {"kind": "optuna", "params": {"blocks": {"grid": [1, 2]}}}}, "cannot be combined with an optuna"),
+    ({"search": {"kind": "grid", "params": {"blocks": {"choice": [1, 2]}}}}, "a grid study takes grid"),
+    ({"search": {"kind": "bayes"}}, "search.kind: 'bayes' is not allowed"),
+    ({"search": {"kind": "random", "params": {"lr": {"loguniform": [0, 1]}}}}, "loguniform: low must be > 0"),
+    ({"search": {"kind": "random", "params": {"lr": {"uniform": [0.1, 0.01]}}}}, "low 0.1 must be below high"),
+    ({"search": {"kind": "random", "params": {"alpha_base": {"uniform": [0.1, 1.5]}}}}, "alpha_base: 1.5 is out"),
+    ({"search": {"kind": "grid", "params": {"blocks": {"gird": [1]}}}}, "'gird' is not a distribution"),
+    ({"resources": {"gpu": 1.5}}, "resources.gpu: 1.5 is not allowed"),
+    ({"objective": {"metric": "val_accuracy"}}, "objective.metric: 'val_accuracy' is not reported"),
+    ({"group": {"shots": [4, 8]}, "asha": {"grace_period": 2}}, "asha: cannot stop trials early"),
+    ({"group": {"shots": []}}, "group.shots: must be a non-empty list"),
+    ({"group": {"seed": [1, 2]}}, "group.seed: is also a search parameter"),
+    ({"variants": [{"blocks": 2}]}, "variants[0]: must be a mapping with a 'name'"),
+    ({"name": "a/b"}, "name: must be a non-empty folder name"),
+]
+
+
+@pytest.mark.parametrize("change, message", BAD_STUDIES)
+def test_bad_study_configs_name_the_key(tmp_path, change, message):
+    values = grid_study(tmp_path, tmp_path / "cache")
+    if change.get("search", {}).get("kind", "grid") != "grid":
+        values.pop("variants")
+    for key, value in change.items():
+        if isinstance(value, dict) and isinstance(values.get(key), dict) and key != "search":
+            values[key] = {**values[key], **value}
+        else:
+            values[key] = value
+    with pytest.raises(ConfigError) as e:
+        parse_study(values)
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_presets_parse_and_describe_themselves():
+    from tune.study import list_presets, load_study
+    presets = list_presets()
+    assert {"quickstart", "dtd-ablation", "dtd-search"} <= set(presets)
+    ablation = load_study(preset="dtd-ablation")
+    assert ablation.num_trials() == 6 * 4 * 3
+    assert {v["name"] for v in ablation.variants} >= {"coop", "gce", "rsnl-m6"}
+    search = load_study(preset="dtd-search")
+    assert search.kind == "optuna" and len(search.group_members) == 9 and search.metric == "val_acc"
+    quick = load_study(preset="quickstart", overrides=["epochs=3", "search.num_samples=2"])
+    assert quick.trial["epochs"] == 3 and quick.num_samples == 2
+
+
+LAUNCH_BAD_INPUTS = [
+    (["--preset", "quickstart", "--gpus-per-trial", "1.5"], "--gpus-per-trial: 1.5 is not allowed"),
+    (["--preset", "quickstart", "--gpus-per-trial", "1"], "this machine has no CUDA GPU"),
+    (["--preset", "quickstrat"], "did you mean 'quickstart'?"),
+    (["--preset", "quickstart", "--set", "blocks=0"], "blocks: 0 is out of range"),
+    (["--preset", "quickstart", "--set", "backbone=RN5O"], "did you mean 'RN50'?"),
+    (["--preset", "quickstart", "--set", "pretrained=laion9b"], "pretrained: 'laion9b' is not a tag"),
+    (["--preset", "quickstart", "--num-samples", "0"], "--num-samples: 0 is out of range"),
+    (["--preset", "dtd-ablation", "--num-samples", "3"], "a grid study runs each grid point once"),
+    (["--preset", "dtd-ablation", "--set", "data_root=NOWHERE"], "NOWHERE"),
+    (["--preset", "quickstart", "--resume", "--name", "never-ran"], "no study to resume"),
+]
+
+
+@pytest.mark.parametrize("args, message", LAUNCH_BAD_INPUTS)
+def test_launch_bad_inputs_fail_before_ray(tmp_path, monkeypatch, capsys, args, message):
+    """One line, exit 2, no experiment folder, no Ray started."""
+    import ray
+    import launch
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.chdir(tmp_path)
+    args = [a.replace("NOWHERE", str(tmp_path / "nowhere")) for a in args]
+    message = message.replace("NOWHERE", str(tmp_path / "nowhere"))
+    was_up = ray.is_initialized()
+    code = launch.main([*args, "--storage", str(tmp_path / "st")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("launch.py: error:") and message in err[0], err
+    assert not (tmp_path / "st").exists()
+    assert ray.is_initialized() == was_up
+
+
+def test_launch_error_exit_code_and_speed_from_the_shell(tmp_path, ray_env):
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, str(REPO / "launch.py"), "--preset", "quickstart", "--set", "noise_rate=1.5",
+                        "--storage", str(tmp_path / "st")], capture_output=True, text=True, cwd=tmp_path,
+                       env={**os.environ, **ray_env})
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "noise_rate: 1.5 is out of range" in p.stderr
+    assert time.perf_counter() - t0 < 30
+    assert not (tmp_path / "st").exists()
+
+
+def test_launch_help_and_presets():
+    out = subprocess.run([sys.executable, str(REPO / "launch.py"), "--help"], capture_output=True, text=True)
+    for flag in ("--preset", "--config", "--set", "--address", "--gpus-per-trial", "--cpus-per-trial",
+                 "--max-concurrent", "--num-samples", "--storage", "--name", "--resume", "--smoke-test"):
+        assert flag in out.stdout
+    out = subprocess.run([sys.executable, str(REPO / "launch.py"), "presets"], capture_output=True, text=True)
+    assert out.returncode == 0 and "quickstart" in out.stdout and "dtd-ablation" in out.stdout
+
+
+# --- cluster.yaml ------------------------------------------------------------------------------
+
+def test_cluster_yaml_passes_rays_validation_and_opens_nothing_to_the_world():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+    raw = (REPO / "cluster.yaml").read_text()
+    cfg = prepare_config(yaml.safe_load(raw))
+    validate_config(cfg)
+    types = cfg["available_node_types"]
+    head = types[cfg["head_node_type"]]
+    assert head["resources"].get("CPU") == 0, "the head runs no trials"
+    gpu = [t for name, t in types.items() if t["resources"].get("GPU", 0) > 0]
+    assert gpu and all(t["min_workers"] == 0 and t["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot"
+                       for t in gpu)
+    assert all("SecurityGroupIds" in t["node_config"] for t in types.values())
+    assert "0.0.0.0" not in yaml.safe_dump(cfg), "no rule or bind address open to the world"
+    assert all("--dashboard-host=0.0.0.0" not in c for c in cfg["head_start_ray_commands"])
+    assert any("pip install" in c and "/home/ubuntu/rsnl" in c for c in cfg["setup_commands"])
+
+
+def test_gpu_checks(ray_session, tmp_path, monkeypatch):
+    """A GPU request on a cluster without GPUs fails unless the autoscaler can add GPU nodes."""
+    import tune.resources as res
+    with pytest.raises(ConfigError, match="no GPU and no autoscaling GPU node type"):
+        res.check_cluster_gpus(0.5)
+    res.check_cluster_gpus(0)
+    bootstrap = tmp_path / "ray_bootstrap_config.yaml"
+    bootstrap.write_text(yaml.safe_dump({"available_node_types": {
+        "head": {"resources": {"CPU": 0}, "max_workers": 0},
+        "gpu": {"resources": {"CPU": 4, "GPU": 1}, "min_workers": 0, "max_workers": 4}}}))
+    monkeypatch.setattr(res, "BOOTSTRAP_CONFIG", bootstrap)
+    assert res.autoscaler_gpu_types(bootstrap) == ["gpu"]
+    monkeypatch.setattr(res, "autoscaler_gpu_types", lambda path=bootstrap: ["gpu"])
+    res.check_cluster_gpus(0.25)
+
+
+# --- studies on the session's Ray ------------------------------------------------------------
+
+def test_grid_trials_report_every_epoch_with_tensorboard_events(grid_experiment):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    dirs = trial_dirs(grid_experiment)
+    assert len(dirs) == 8
+    for d in dirs:
+        rows = results_of(d)
+        assert [r["epoch"] for r in rows] == [0, 1, 2]
+        for key in ("train_loss", "val_acc", "test_acc", "alpha", "kept_frac", "select_precision",
+                    "select_recall", "noise_auroc", "epoch_seconds"):
+            assert key in rows[-1]
+        events = list(d.glob("events.out.tfevents.*"))
+        assert events
+        acc = EventAccumulator(str(d), size_guidance={"scalars": 0}).Reload()
+        tags = acc.Tags()["scalars"]
+        for metric in ("val_acc", "test_acc", "kept_frac", "select_precision", "noise_auroc", "alpha"):
+            tag = f"ray/tune/{metric}"
+            assert tag in tags
+        steps = [e.step for e in acc.Scalars("ray/tune/test_acc")]
+        values = [e.value for e in acc.Scalars("ray/tune/test_acc")]
+        assert steps == [1, 2, 3]
+        assert values == pytest.approx([r["test_acc"] for r in rows], abs=1e-4)
+        assert "hparams" in acc.PluginTagToContent("hparams") or acc.summary_metadata, "hparams written"
+    variants = {json.loads((d / "params.json").read_text())["variant"]["name"] for d in dirs}
+    assert variants == {"coop", "rsnl-m2"}
+
+
+def test_group_objective_is_the_member_mean_and_optuna_db_matches(optuna_experiment):
+    import optuna
+    dirs = trial_dirs(optuna_experiment)
+    assert len(dirs) == 4
+    last = {}
+    for d in dirs:
+        rows = results_of(d)
+        assert len(rows) == 3
+        members = rows[-1]["group"]
+        assert set(members) == {"seed=1", "seed=2"}
+        assert rows[-1]["val_acc"] == pytest.approx(sum(m["val_acc"] for m in members.values()) / 2)
+        last[rows[-1]["trial_id"]] = rows[-1]["val_acc"]
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{Path(optuna_experiment) / 'optuna.db'}")
+    trials = study.get_trials()
+    assert len(trials) == 4
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    assert {t.user_attrs["tune_trial_id"]: t.value for t in trials} == pytest.approx(last)
+    assert set(trials[0].params) == {"blocks", "alpha_base", "alpha_rate"}
+
+
+def test_trial_retried_after_a_crash_ends_like_an_uninterrupted_one(ray_session, ray_env, tmp_path, study_cache):
+    """Exact resume inside Tune: a trial that dies after epoch 1 continues from its checkpoint."""
+    values = grid_study(tmp_path / "a", study_cache, name="plain", epochs=4)
+    values["search"]["params"] = {"seed": {"grid": [3]}}
+    values["variants"] = [{"name": "rsnl-m2", "blocks": 2}]
+    plain, _, _ = run(values)
+    fault = Path(ray_env["RSNL_FAULT_FILE"])
+    fault.write_text(json.dumps({"epoch": 1}))
+    try:
+        values.update(name="crashed", storage=str(tmp_path / "b"))
+        crashed, _, _ = run(values)
+    finally:
+        fault.unlink()
+    assert Path(str(fault) + ".done").exists(), "the fault fired"
+    Path(str(fault) + ".done").unlink()
+    (a,), (b,) = list(plain), list(crashed)
+    assert b.error is None
+    rows_a, rows_b = results_of(Path(a.path)), results_of(Path(b.path))
+    assert [r["epoch"] for r in rows_b] == [0, 1, 2, 3]
+    drop = {"epoch_seconds", "time_this_iter_s", "time_total_s", "timestamp", "date", "pid", "trial_id",
+            "time_since_restore", "iterations_since_restore", "experiment_tag", "hostname", "node_ip", "node_id",
+            "checkpoint_dir_name", "done", "config", "training_iteration"}
+    for ra, rb in zip(rows_a, rows_b):
+        assert {k: v for k, v in ra.items() if k not in drop} == {k: v for k, v in rb.items() if k not in drop}
+
+
+# --- own Ray processes --------------------------------------------------------------------------
+
+@pytest.fixture
+def ray_tmp():
+    """A short RAY_TMPDIR for a Ray of its own (unix socket paths must stay under 107 bytes)."""
+    import shutil
+    import tempfile
+    path = tempfile.mkdtemp(prefix="rsnl-ray-", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_study_on_a_three_node_cluster_computes_features_once(tmp_path, ray_env, ray_tmp):
+    env = {**os.environ, **ray_env, "RAY_TMPDIR": ray_tmp}
+    p = subprocess.run([sys.executable, str(REPO / "tests" / "cluster_study.py"), str(tmp_path / "st"),
+                        str(tmp_path / "cache")], capture_output=True, text=True, env=env, timeout=600)
+    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+    assert p.returncode == 0 and line, p.stdout[-2000:] + p.stderr[-2000:]
+    out = json.loads(line[-1][len("RESULT "):])
+    assert out["errors"] == 0 and out["trials"] == 4
+    assert out["trial_nodes"] == out["worker_nodes"], "trials ran on both GPU workers, none on the head"
+    assert out["banks"] == 1 and out["computed"] == 1 + 3 and out["hits"] == 0  # 1 augmented + 3 test views
+    assert len(list((tmp_path / "cache").rglob("*.pt"))) == 4
+
+
+def _wait_for(predicate, timeout: float, every: float = 0.2) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(every)
+    return False
+
+
+def test_killed_driver_then_resume_runs_every_trial_exactly_once(tmp_path, ray_env, study_cache, ray_tmp):
+    epochs = 30
+    values = optuna_study(tmp_path / "st", study_cache, name="killed", num_samples=3, epochs=epochs)
+    values["group"] = {"seed": [1]}
+    values["max_concurrent"] = 1
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(values))
+    env = {**os.environ, **ray_env, "RAY_TMPDIR": ray_tmp}
+    exp = tmp_path / "st" / "killed"
+    cmd = [sys.executable, str(REPO / "launch.py")]
+
+    def progress():
+        rows = {d.name: len(results_of(d)) for d in exp.glob("*") if (d / "result.json").is_file()}
+        return sum(n == epochs for n in rows.values()), sum(0 < n < epochs for n in rows.values()), rows
+
+    with open(tmp_path / "first.log", "w") as log:
+        driver = subprocess.Popen(cmd + ["--config", str(tmp_path / "study.yaml")], env=env, cwd=tmp_path,
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        caught = _wait_for(lambda: progress()[0] >= 1 and progress()[1] >= 1, timeout=300)
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started
+        driver.wait()
+    assert caught, (tmp_path / "first.log").read_text()[-3000:]
+    finished_before = {name: (exp / name / "result.json").read_bytes()
+                       for name, n in progress()[2].items() if n == epochs}
+    time.sleep(2)
+
+    p = subprocess.run(cmd + ["--resume", "--name", "killed", "--storage", str(tmp_path / "st")], env=env,
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    done, running, rows = progress()
+    assert done == 3 and running == 0 and len(rows) == 3
+    for name, content in finished_before.items():
+        assert (exp / name / "result.json").read_bytes() == content, "a finished trial was not rerun"
+    for d in trial_dirs(exp):
+        assert [r["epoch"] for r in results_of(d)] == list(range(epochs)), "each epoch reported exactly once"
+    import optuna
+    trials = optuna.load_study(study_name="killed", storage=f"sqlite:///{exp / 'optuna.db'}").get_trials()
+    assert len(trials) == 3 and len({t.user_attrs["tune_trial_id"] for t in trials}) == 3
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
