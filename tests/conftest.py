@@ -94,8 +94,7 @@ def ray_session(ray_env):
     """One local Ray for the whole test session (2 CPUs), shut down at the end."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             _temp_dir=ray_env["RAY_TMPDIR"], log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=ray_env["RAY_TMPDIR"], log_to_driver=False)
     yield ray
     ray.shutdown()
 

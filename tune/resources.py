@@ -63,11 +63,16 @@ def check_cluster_gpus(gpu_per_trial: float) -> None:
 
 
 def init_ray(address: str | None, **kwargs) -> None:
-    """Join `address`, or start a local Ray bound to 127.0.0.1 (no port open to the network)."""
+    """Join `address`, or start a local Ray without its dashboard (no HTTP port for a local study).
+
+    Ray 2.60's own gRPC servers (GCS, raylet, object manager) listen on all interfaces whatever the
+    node IP (Ray resolves 127.0.0.1 to the machine's address); keep them behind a firewall, as
+    cluster.yaml's security group does.
+    """
     import ray
     if ray.is_initialized():
         return
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, **kwargs)
+        ray.init(include_dashboard=False, **kwargs)
