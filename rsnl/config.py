@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,9 @@ class TrialConfig:
             self.pretrained = None
         if self.ctx_init is not None and not self.ctx_init.strip():
             raise ConfigError("ctx_init: must be a non-empty text such as 'a photo of a', or null")
+        if self.ctx_init is not None and self.blocks > 1:
+            raise ConfigError("ctx_init: with blocks > 1 every block would start from the same text and stay "
+                              "identical; use random init (ctx_init: null) for several blocks")
         if self.device not in ("auto", "cpu", "cuda") and not _is_cuda_index(self.device):
             raise ConfigError(f"device: {self.device!r} is not allowed; use auto, cpu, cuda or cuda:N")
         if not self.backbone.strip():
@@ -116,12 +120,30 @@ class TrialConfig:
         return dataclasses.asdict(self)
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads 5e-4 (no dot) as a string; researchers write learning rates that way."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def yaml_load(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
 def load_yaml(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(values, dict):
@@ -137,7 +159,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected key=value")
         try:
-            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+            out[key.strip()] = yaml_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             out[key.strip()] = raw
     return out

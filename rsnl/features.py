@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torchvision import transforms as T
 
-from rsnl.data import Dataset, ImageSet
+from rsnl.data import DataError, Dataset, ImageSet
 
 FORMAT = 1  # bump when the stored content changes meaning
 
@@ -106,10 +106,15 @@ def encode_images(model, images: ImageSet, transform, view: int = 0, batch_size:
     device = torch.device(device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     out = []
-    for batch in tqdm(loader, desc=desc or images.name, unit="batch", leave=False, mininterval=2.0):
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            f = model.encode_image(batch.to(device, non_blocking=True))
-        out.append(F.normalize(f.float(), dim=-1).cpu())
+    try:
+        for batch in tqdm(loader, desc=desc or images.name, unit="batch", leave=False, mininterval=2.0):
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                f = model.encode_image(batch.to(device, non_blocking=True))
+            out.append(F.normalize(f.float(), dim=-1).cpu())
+    except DataError as e:
+        # A DataLoader worker re-raises with its traceback in the message; keep the one line that names the file.
+        lines = [x for x in str(e).split("DataError: ") if x.strip()]
+        raise DataError(lines[-1] if lines else str(e)) from None
     return torch.cat(out) if out else torch.empty(0)
 
 

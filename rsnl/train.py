@@ -62,9 +62,6 @@ def preflight(cfg: TrialConfig):
     dataset = load_dataset(cfg.dataset, cfg.data_root or os.environ.get("RSNL_DATA"), cfg.download)
     check_shots(dataset.train.labels, dataset.classnames, cfg.shots, dataset.train.name)
     check_shots(dataset.val.labels, dataset.classnames, cfg.val_shots or cfg.shots, dataset.val.name)
-    if cfg.ctx_init is not None and cfg.blocks > 1:
-        raise ConfigError("ctx_init: with blocks > 1 every block would start from the same text and stay "
-                          "identical; use random init (ctx_init: null) for several blocks")
     return dataset
 
 
@@ -254,12 +251,7 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        saved = {k: v for k, v in state["config"].items() if k not in RUNTIME_KEYS}
-        mine = {k: v for k, v in self.cfg.to_dict().items() if k not in RUNTIME_KEYS}
-        changed = sorted(k for k in mine if saved.get(k) != mine[k])
-        if changed:
-            raise ConfigError(f"checkpoint: made with a different config ({', '.join(changed)}); "
-                              f"resume with the same settings or start a new run")
+        check_same_config(state, self.cfg)
         self.prompts.load_state_dict(state["prompts"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -270,6 +262,16 @@ class Trainer:
 
     def save(self, path) -> None:
         save_checkpoint(self.state_dict(), path)
+
+
+def check_same_config(state: dict, cfg: TrialConfig) -> None:
+    """A checkpoint continues only the run that made it; runtime keys (device, cache, ...) may differ."""
+    saved = {k: v for k, v in state["config"].items() if k not in RUNTIME_KEYS}
+    mine = {k: v for k, v in cfg.to_dict().items() if k not in RUNTIME_KEYS}
+    changed = sorted(k for k in mine if saved.get(k) != mine[k])
+    if changed:
+        raise ConfigError(f"checkpoint: made with a different config ({', '.join(changed)}); "
+                          f"resume with the same settings or start a new run")
 
 
 def save_checkpoint(state: dict, path) -> None:
@@ -349,6 +351,7 @@ def main(argv=None) -> int:
             if not (out / "checkpoint.pt").is_file():
                 raise ConfigError(f"--resume: {out / 'checkpoint.pt'} does not exist")
             state = load_checkpoint(out / "checkpoint.pt")
+            check_same_config(state, cfg)  # before any model or feature work (DESIGN section 8)
         preflight(cfg)
         clip, bank = load_inputs(cfg)
         trainer = build_trainer(cfg, clip, bank)

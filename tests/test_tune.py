@@ -5,7 +5,6 @@ Studies are tiny (digits + rsnl-tiny on the CPU); the experiments of the session
 """
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -17,7 +16,7 @@ import pytest
 import yaml
 
 from rsnl.config import ConfigError
-from studies import grid_study, optuna_study, run, tiny_trial
+from studies import grid_study, optuna_study, run
 from tune.study import parse_study
 
 REPO = Path(__file__).resolve().parents[1]

@@ -62,7 +62,7 @@ def check_cluster_gpus(gpu_per_trial: float) -> None:
                           f"hold is {have:g} GPU")
 
 
-def init_ray(address: str | None, **kwargs) -> None:
+def init_ray(address: str | None, **kwargs):
     """Join `address`, or start a local Ray without its dashboard (no HTTP port for a local study).
 
     Ray 2.60's own gRPC servers (GCS, raylet, object manager) listen on all interfaces whatever the
@@ -71,8 +71,7 @@ def init_ray(address: str | None, **kwargs) -> None:
     """
     import ray
     if ray.is_initialized():
-        return
+        return None
     if address:
-        ray.init(address=address, **kwargs)
-    else:
-        ray.init(include_dashboard=False, **kwargs)
+        return ray.init(address=address, **kwargs)
+    return ray.init(include_dashboard=False, **kwargs)

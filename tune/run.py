@@ -8,14 +8,13 @@ object store; then Tune runs the trials, and nothing finished is ever run twice 
 from __future__ import annotations
 
 import os
-import shutil
-import sys
+import tempfile
 import time
 from pathlib import Path
 
 import yaml
 
-from rsnl.config import ConfigError
+from rsnl.config import ConfigError, load_yaml
 from rsnl.train import preflight
 from tune.resources import check_cluster_gpus, check_local_gpus, init_ray
 from tune.study import StudyConfig, parse_study
@@ -33,8 +32,12 @@ def check_storage(study: StudyConfig, resume: bool) -> Path | None:
     probe = root
     while not probe.exists():
         probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        raise ConfigError(f"storage: {root} is not writable (checked {probe}); choose another --storage")
+    if not probe.is_dir():
+        raise ConfigError(f"storage: {root} cannot be created ({probe} is a file); choose another --storage")
+    try:  # a real write: permission bits do not tell for root, read-only mounts or quotas
+        tempfile.TemporaryFile(dir=probe).close()
+    except OSError as e:
+        raise ConfigError(f"storage: {root} is not writable ({probe}: {e.strerror}); choose another --storage") from None
     if resume and not (exp / STUDY_FILE).is_file():
         raise ConfigError(f"--resume: no study to resume at {exp} ({STUDY_FILE} missing); check --storage and --name")
     if not resume and (exp / STUDY_FILE).is_file():
@@ -43,7 +46,7 @@ def check_storage(study: StudyConfig, resume: bool) -> Path | None:
 
 
 def stored_study(exp: Path) -> StudyConfig:
-    return parse_study(yaml.safe_load((exp / STUDY_FILE).read_text()))
+    return parse_study(load_yaml(exp / STUDY_FILE))
 
 
 def study_to_yaml(study: StudyConfig) -> dict:
@@ -145,7 +148,14 @@ def compute_banks(study: StudyConfig, log=print) -> tuple[dict, dict]:
     for key, cfg in bank_plan(study).items():
         refs[key], stats_refs[key] = task.remote(cfg)
     t0 = time.perf_counter()
-    stats = {k: ray.get(r) for k, r in stats_refs.items()}
+    try:
+        stats = {k: ray.get(r) for k, r in stats_refs.items()}
+    except ray.exceptions.RayTaskError as e:
+        # A bad image or missing weights found while computing features: the user's one line, not a traceback.
+        from rsnl.train import USER_ERRORS
+        if isinstance(getattr(e, "cause", None), USER_ERRORS):
+            raise e.cause from None
+        raise
     computed = sum(s.get("computed", 0) for s in stats.values())
     hits = sum(s.get("hits", 0) for s in stats.values())
     log(f"[rsnl] image features: {len(refs)} bank(s), {computed} view(s) computed, {hits} from cache "

@@ -1,0 +1,191 @@
+"""Crashes, races, bad data and bad input lose nothing and explain themselves (the reliability promise).
+
+Crash retry and SIGKILL + resume live in test_tune.py; here: NaN trials inside a study, two processes
+racing for one cache entry, unreadable images, the table of bad study configs and command lines, and
+the safe-loading and network-binding rules.
+"""
+
+import json
+import multiprocessing as mp
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers import corrupt_file, make_coop_tree
+from studies import grid_study, run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --- NaN in one trial of a study ----------------------------------------------------------------
+
+def test_nan_trial_fails_with_epoch_and_metric_while_the_study_finishes(ray_session, tmp_path, study_cache):
+    values = grid_study(tmp_path, study_cache, name="nan", epochs=2, warmup_epochs=0)
+    values["search"]["params"] = {"lr": {"grid": [0.002, 1e30]}}  # 1e30 overflows the context vectors
+    values["variants"] = [{"name": "rsnl-m2", "blocks": 2}]
+    values["max_failures"] = 0
+    results, exp, _ = run(values)
+    by_lr = {r.config["lr"]: r for r in results}
+    assert by_lr[0.002].error is None and by_lr[0.002].metrics["epoch"] == 1
+    bad = by_lr[1e30]
+    assert bad.error is not None
+    text = (Path(bad.path) / "error.txt").read_text()
+    assert re.search(r"epoch 0: train_loss is nan", text), text[-1000:]
+
+    from analysis import load_experiment
+    frame = load_experiment(exp)
+    status = frame.groupby("trial_id")["status"].first()
+    assert sorted(status.tolist()) == ["ERROR", "TERMINATED"]
+
+
+# --- feature cache races --------------------------------------------------------------------------
+
+def _build_once(cache_dir, barrier, out):
+    from rsnl.data import load_dataset
+    from rsnl.features import cached_features
+    from rsnl.models import load_clip_full
+    clip = load_clip_full("rsnl-tiny", None)
+    test = load_dataset("digits").test
+    stats = {}
+    barrier.wait()
+    feats = cached_features(clip.model, clip.identity, test, clip.preprocess, 0, cache_dir, stats=stats)
+    out.put((stats, feats.sum().item(), feats.shape[0]))
+
+
+def test_two_processes_building_one_entry_compute_it_once(tmp_path):
+    ctx = mp.get_context("spawn")
+    barrier, out = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_build_once, args=(str(tmp_path), barrier, out)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    got = [out.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    computed = sum(s.get("computed", 0) for s, _, _ in got)
+    hits = sum(s.get("hits", 0) for s, _, _ in got)
+    assert (computed, hits) == (1, 1)
+    assert got[0][1:] == got[1][1:], "both read the same features"
+    assert not list(tmp_path.rglob("*.tmp")), "no half-written file left"
+    assert len(list(tmp_path.rglob("*.pt"))) == 1
+
+
+# --- unreadable images ----------------------------------------------------------------------------
+
+def test_corrupt_image_stops_a_trial_before_training_naming_the_file(tmp_path):
+    make_coop_tree(tmp_path / "data")
+    bad = sorted((tmp_path / "data" / "dtd" / "images").rglob("*.jpg"))[3]
+    corrupt_file(bad)
+    p = subprocess.run([sys.executable, "-m", "rsnl.train", "--set", "dataset=dtd",
+                        "--set", f"data_root={tmp_path / 'data'}", "--set", "backbone=rsnl-tiny",
+                        "--set", "pretrained=null", "--set", "shots=4", "--set", "val_shots=2",
+                        "--set", f"cache_dir={tmp_path / 'cache'}", "--set", "epochs=1"],
+                       capture_output=True, text=True, cwd=REPO)
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and err and str(bad) in err[-1] and err[-1].startswith("rsnl: error:")
+    assert "epoch" not in p.stdout, "no epoch ran"
+
+
+def test_corrupt_image_in_a_study_is_one_line_and_no_experiment(ray_session, tmp_path, capsys):
+    import launch
+    make_coop_tree(tmp_path / "data")
+    bad = sorted((tmp_path / "data" / "dtd" / "images").rglob("*.jpg"))[-1]
+    corrupt_file(bad)
+    values = grid_study(tmp_path / "st", tmp_path / "cache", name="badimg", dataset="dtd",
+                        data_root=str(tmp_path / "data"), shots=4, val_shots=2)
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(values))
+    code = launch.main(["--config", str(tmp_path / "s.yaml")])
+    err = [x for x in capsys.readouterr().err.strip().splitlines() if x.startswith("launch.py")]
+    assert code == 2 and len(err) == 1 and str(bad) in err[0]
+    assert not (tmp_path / "st" / "badimg").exists()
+
+
+# --- the table of bad inputs ----------------------------------------------------------------------
+
+def _study(tmp_path, **changes):
+    values = grid_study(tmp_path / "st", tmp_path / "cache", name="bad")
+    for key, value in changes.items():
+        if key == "trial":
+            values["trial"].update(value)
+        else:
+            values[key] = value
+    return values
+
+
+BAD_INPUTS = [  # (study changes, extra command-line arguments, what the one line must contain)
+    ({"trial": {"bloks": 2}}, [], "trial.bloks: unknown key (did you mean 'blocks'?)"),
+    ({"trial": {"shots": "16"}}, [], "shots: must be an integer, got '16'"),
+    ({"trial": {"noise_rate": 1.5}}, [], "noise_rate: 1.5 is out of range; allowed: [0.0, 1.0)"),
+    ({"trial": {"blocks": 0}}, [], "blocks: 0 is out of range; allowed: [1, 64]"),
+    ({"trial": {"shots": 500}}, [], "images in digits/train, shots is 500"),
+    ({"trial": {"dataset": "cifar"}}, [], "dataset: 'cifar' is not known"),
+    ({"trial": {"backbone": "ViT-B-33"}}, [], "backbone: 'ViT-B-33' is not an open_clip model (did you mean"),
+    ({"trial": {"pretrained": "openia"}}, [], "pretrained: 'openia' is not a tag of rsnl-tiny"),
+    ({"trial": {"pretrained": "/nowhere/RN50.pt"}}, [], "checkpoint file /nowhere/RN50.pt does not exist"),
+    ({"trial": {"dataset": "dtd", "data_root": "/nowhere/data"}}, [], "/nowhere/data"),
+    ({"trial": {"selector": "gmmm"}}, [], "selector: 'gmmm' is not allowed (did you mean 'gmm'?)"),
+    ({"trial": {"ctx_init": "a photo of a"}}, [], "ctx_init: with blocks > 1"),
+    ({"search": {"kind": "optuna", "params": {"lr": {"grid": [0.1]}}}, "variants": []}, [],
+     "cannot be combined with an optuna search"),
+    ({"search": {"kind": "optuna", "params": {}}, "variants": []}, [], "search.params: empty"),
+    ({"search": {"kind": "grid", "params": {"lr": {"uniform": [0.1, 0.2]}}}}, [], "a grid study takes grid"),
+    ({"objective": {"metric": "acc"}}, [], "objective.metric: 'acc' is not reported"),
+    ({"objective": {"mode": "maximize"}}, [], "objective.mode: 'maximize' is not allowed"),
+    ({"resources": {"gpu": -1}}, [], "resources.gpu: -1 is out of range"),
+    ({}, ["--gpus-per-trial", "1.5"], "--gpus-per-trial: 1.5 is not allowed"),
+    ({}, ["--gpus-per-trial", "0.5"], "this machine has no CUDA GPU"),
+    ({}, ["--cpus-per-trial", "0"], "--cpus-per-trial: 0.0 is out of range"),
+    ({}, ["--storage", "/etc/hostname/results"], "cannot be created (/etc/hostname is a file)"),
+    ({}, ["--storage", "/proc/rsnl"], "is not writable"),
+    ({}, ["--name", ""], "--name: must be a non-empty folder name"),
+    ({"max_failures": -1}, [], "max_failures: -1 is out of range"),
+]
+
+
+@pytest.mark.parametrize("changes, args, message", BAD_INPUTS)
+def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, monkeypatch, capsys, changes, args, message):
+    import ray
+    import launch
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(_study(tmp_path, **changes)))
+    ray_was_up = ray.is_initialized()
+    code = launch.main(["--config", str(path), *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("launch.py: error:"), err
+    assert message in err[0], err[0]
+    assert not (tmp_path / "st").exists(), "no partial experiment folder"
+    assert ray.is_initialized() == ray_was_up, "Ray was not started for a bad input"
+
+
+def test_the_bad_input_table_is_large(tmp_path):
+    assert len(BAD_INPUTS) >= 20
+
+
+# --- safe loading and ports -----------------------------------------------------------------------
+
+def test_every_torch_load_is_weights_only():
+    import ast
+    calls = []
+    for path in list((REPO / "rsnl").rglob("*.py")) + list((REPO / "tune").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load"
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch"):
+                kw = {k.arg: k.value for k in node.keywords}
+                calls.append((path.name, node.lineno, getattr(kw.get("weights_only"), "value", None)))
+    assert len(calls) >= 3, calls  # trainer checkpoints, Tune checkpoints, feature cache
+    assert all(flag is True for _, _, flag in calls), calls
+
+
+def test_a_local_study_serves_no_dashboard(ray_env):
+    code = ("from tune.resources import init_ray; import ray; ctx = init_ray(None, num_cpus=1); "
+            "print('URL', ctx.dashboard_url or ''); ray.shutdown()")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                       env={**__import__('os').environ, **ray_env})
+    line = [x for x in p.stdout.splitlines() if x.startswith("URL")]
+    assert p.returncode == 0 and line == ["URL "], p.stdout + p.stderr[-2000:]
