@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rsnl.config import ConfigError
-from rsnl.data import DataError
-from rsnl.models import ModelError
 
-USER_ERRORS = (ConfigError, DataError, ModelError)
+def user_errors() -> tuple:
+    """The one-line input errors; imported on use so that `report` starts without torch."""
+    from rsnl.train import USER_ERRORS
+    return USER_ERRORS
 
 
 def run_parser() -> argparse.ArgumentParser:
@@ -73,9 +73,10 @@ def describe(study, exp: str) -> str:
 
 def summarize(results, study, exp: str) -> str:
     ok = [r for r in results if r.error is None and r.metrics]
-    failed = len(results) - len(ok)
-    lines = [f"[rsnl] {len(ok)} trial(s) finished, {failed} failed"]
-    if ok:
+    unfinished = len(results) - results.num_terminated - results.num_errors
+    lines = [f"[rsnl] {results.num_terminated} trial(s) finished, {results.num_errors} failed"
+             + (f", {unfinished} unfinished" if unfinished else "")]
+    if any(study.metric in (r.metrics or {}) for r in ok):
         best = results.get_best_result(metric=study.metric, mode=study.mode, scope="last")
         params = {k: best.config.get(k) for k in study.params}
         if isinstance(best.config.get("variant"), dict):
@@ -90,6 +91,8 @@ def summarize(results, study, exp: str) -> str:
 
 def cmd_run(argv) -> int:
     args = run_parser().parse_args(argv)
+    errors = user_errors()
+    study = None
     try:
         study = load_from_args(args)
         from tune.run import check_storage, run_study, stored_study
@@ -99,15 +102,25 @@ def cmd_run(argv) -> int:
                 study = stored_study(exp)
         print(describe(study, study.experiment_path()), flush=True)
         results, exp, _ = run_study(study, address=args.address, resume=args.resume)
-    except USER_ERRORS as e:
+    except errors as e:
         print(f"launch.py: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\n[rsnl] interrupted; continue with: python launch.py --resume --name {study.name} "
-              f"--storage {study.storage}", file=sys.stderr)
+        print(resume_hint(study), file=sys.stderr)
         return 130
     print(summarize(results, study, exp), flush=True)
-    return 0 if all(r.error is None for r in results) else 1
+    # Tune stops gracefully on Ctrl-C: trials left unfinished, or never suggested
+    if results.num_terminated + results.num_errors < max(len(results), study.num_trials()):
+        print(resume_hint(study), file=sys.stderr)
+        return 130
+    return 0 if results.num_errors == 0 else 1
+
+
+def resume_hint(study) -> str:
+    if study is None:
+        return "\n[rsnl] interrupted before the study started"
+    return (f"\n[rsnl] interrupted; continue with: python launch.py --resume --name {study.name} "
+            f"--storage {study.storage}")
 
 
 def cmd_presets(argv) -> int:

@@ -1,0 +1,131 @@
+"""Study plots as matplotlib Figures (PNG via `save`): accuracy vs noise rate, per-epoch curves.
+
+Figures are built with matplotlib.figure.Figure, not pyplot, so that nothing here depends on (or
+changes) the backend: the report writes PNGs headless, a notebook displays the returned figure.
+Each method keeps one colour in every figure.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from analysis.load import last_epoch
+from analysis.tables import method_order, noise_label
+
+# (metric, panel title, y label, range the +-std band is clipped to)
+CURVES = (("test_acc", "test accuracy", "accuracy (%)", (0, 100)),
+          ("val_acc", "validation accuracy (noisy labels)", "accuracy (%)", (0, 100)),
+          ("kept_frac", "kept fraction", "share of training samples", (0, 1)),
+          ("select_precision", "selection precision", "clean share of kept", (0, 1)),
+          ("select_recall", "selection recall", "kept share of clean", (0, 1)),
+          ("alpha", "alpha (weight of prompt similarity)", "alpha", (0, 1)))
+# the last panel when no method selects samples (alpha is then unused)
+LOSS_PANEL = ("train_loss", "training loss (kept samples)", "loss", (0, None))
+
+
+def colors(methods: list[str]) -> dict[str, tuple]:
+    import matplotlib
+    cmap = matplotlib.colormaps["tab10" if len(methods) <= 10 else "tab20"]
+    return {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
+
+
+def linestyles(methods: list[str]) -> dict[str, str]:
+    """Different dashes too, so that identical curves (e.g. two methods without selection) stay visible."""
+    return {m: ("-", "--", "-.", ":")[i % 4] for i, m in enumerate(methods)}
+
+
+def save(fig: Figure, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
+def accuracy_vs_noise(df: pd.DataFrame, metric: str = "test_acc") -> Figure:
+    """Last-epoch accuracy of each method against the noise rate, mean +- std over seeds."""
+    last = last_epoch(df)
+    methods = [m for m in method_order(df) if m in set(last["method"])]
+    col = colors(method_order(df))
+    fig = Figure(figsize=(7.5, 4.8))
+    ax = fig.add_subplot()
+    rates = sorted(last["noise_rate"].unique()) if not last.empty else []
+    span = (max(rates) - min(rates)) * 100 if len(rates) > 1 else 10.0
+    for i, m in enumerate(methods):
+        g = last[last["method"] == m].groupby("noise_rate")[metric].agg(["mean", "std", "size"]).reset_index()
+        # a small sideways offset keeps overlapping error bars apart
+        x = g["noise_rate"] * 100 + (i - (len(methods) - 1) / 2) * span * 0.012
+        ax.errorbar(x, g["mean"], yerr=g["std"].fillna(0), color=col[m], marker="o", capsize=4, lw=1.8,
+                    label=f"{m} (n={int(g['size'].min())}" + (f"-{int(g['size'].max())})" if g["size"].nunique() > 1
+                                                               else ")"))
+    ax.set_xticks([r * 100 for r in rates], [noise_label(r) for r in rates])
+    if rates:
+        ax.set_xlim(min(rates) * 100 - span * 0.08, max(rates) * 100 + span * 0.08)
+    name = {"test_acc": "test accuracy", "val_acc": "validation accuracy"}.get(metric, metric)
+    ax.set_xlabel("label noise rate (%)")
+    ax.set_ylabel(f"{name} at last epoch (%)")
+    ax.set_title(f"{df.attrs.get('name', '')}: {name} vs noise rate\n(mean ± std over seeds, n = runs)")
+    ax.grid(alpha=0.3)
+    if methods:
+        ax.legend(title="method", fontsize=9)
+    else:
+        ax.text(0.5, 0.5, "no run has reached its last epoch yet", ha="center", va="center",
+                transform=ax.transAxes)
+    return fig
+
+
+def curves(df: pd.DataFrame, noise_rate: float) -> Figure:
+    """Per-epoch curves at one noise rate: mean over the runs of each method with a +-1 std band.
+    Failed runs are left out; running ones are drawn as far as they got."""
+    d = df[(df["noise_rate"] == noise_rate) & (df["status"] != "ERROR")].dropna(subset=["epoch"])
+    methods = [m for m in method_order(df) if m in set(d["method"])]
+    col, ls = colors(method_order(df)), linestyles(method_order(df))
+    fig = Figure(figsize=(14, 8))
+    axes = fig.subplots(2, 3)
+    selects = "selector" not in d or (d["selector"] != "none").any()
+    panels = CURVES if selects else CURVES[:-1] + (LOSS_PANEL,)
+    for ax, (key, title, unit, (lo_clip, hi_clip)) in zip(axes.flat, panels):
+        for m in methods:
+            dm = d[d["method"] == m]
+            if key == "alpha" and "selector" in dm and (dm["selector"] == "none").all():
+                continue  # alpha only weights the selection score; without selection it is unused
+            g = dm.groupby("epoch")[key].agg(["mean", "std", "size"])
+            if g["mean"].notna().any():
+                ax.plot(g.index, g["mean"], color=col[m], ls=ls[m], lw=1.8, marker="." if len(g) < 15 else None,
+                        label=m)
+                lo = (g["mean"] - g["std"].fillna(0)).clip(lo_clip, hi_clip)
+                hi = (g["mean"] + g["std"].fillna(0)).clip(lo_clip, hi_clip)
+                ax.fill_between(g.index, lo, hi, color=col[m], alpha=0.18, lw=0)
+        ax.set_title(title, fontsize=11)
+        ax.set_xlabel("epoch (0-indexed)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(unit)
+        ax.grid(alpha=0.3)
+        if not ax.has_data():
+            ax.text(0.5, 0.5, "not reported", ha="center", va="center", transform=ax.transAxes)
+    n = d.groupby("method")["run"].nunique()
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    labels = [f"{m} (n={n.get(m, 0)})" for m in labels]
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(handles), 6), title="method (n = runs)",
+                   fontsize=10, bbox_to_anchor=(0.5, -0.01))
+    fig.suptitle(f"{df.attrs.get('name', '')}: per-epoch curves at {noise_label(noise_rate)} label noise "
+                 f"(mean ± std over seeds)", fontsize=13)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    return fig
+
+
+def to_png(fig: Figure, dpi: int = 100) -> bytes:
+    """PNG bytes, for IPython.display.Image: shows in any notebook backend (Agg included)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def noise_rates(df: pd.DataFrame) -> list[float]:
+    return sorted(float(r) for r in df.dropna(subset=["epoch"])["noise_rate"].unique()) if "noise_rate" in df else []
+

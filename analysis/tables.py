@@ -1,0 +1,238 @@
+"""The tables a paper needs, from load_experiment's frame, as Markdown and LaTeX.
+
+The protocol's number is the last epoch's test accuracy of each run (DESIGN section 4); a cell is
+mean +- std over the runs of that method and noise rate (the seeds; std with ddof=1, as papers
+report a sample std). Runs that have not reached their last epoch are left out and counted in the
+caption, so a table of a running study is honest about what it averages.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from analysis.load import last_epoch
+
+BASELINE = "coop"
+DASH = "–"
+
+
+@dataclass
+class Cell:
+    """mean +- std over n runs; std is NaN for a single run; `signed` prints a difference (+1.20)."""
+    mean: float
+    std: float = math.nan
+    n: int = 1
+    bold: bool = False
+    signed: bool = False
+
+    def text(self, digits: int, latex: bool = False) -> str:
+        if self.mean is None or not math.isfinite(self.mean):
+            return "--" if latex else DASH
+        m = f"{self.mean:+.{digits}f}" if self.signed else f"{self.mean:.{digits}f}"
+        if latex:
+            m = f"\\mathbf{{{m}}}" if self.bold else m
+            return f"${m} \\pm {self.std:.{digits}f}$" if math.isfinite(self.std) else f"${m}$"
+        m = f"**{m}**" if self.bold else m
+        return f"{m} ± {self.std:.{digits}f}" if math.isfinite(self.std) else m
+
+
+@dataclass
+class Table:
+    """Rows x columns of Cells, with a title and a caption; `stats` holds the numbers behind it."""
+    title: str
+    rows: list[str]
+    columns: list[str]
+    cells: dict[tuple[str, str], Cell]
+    caption: str
+    stats: pd.DataFrame = field(default_factory=pd.DataFrame)
+    row_header: str = "method"
+    digits: int = 2
+
+    def __bool__(self) -> bool:
+        return bool(self.rows)
+
+    def frame(self) -> pd.DataFrame:
+        """The table as text cells (for display)."""
+        return pd.DataFrame([[self._cell(r, c) for c in self.columns] for r in self.rows],
+                            index=pd.Index(self.rows, name=self.row_header), columns=self.columns)
+
+    def _cell(self, r, c, latex=False) -> str:
+        cell = self.cells.get((r, c))
+        return cell.text(self.digits, latex) if cell else ("--" if latex else DASH)
+
+    def markdown(self) -> str:
+        esc = lambda s: str(s).replace("|", "\\|")
+        lines = ["| " + " | ".join([esc(self.row_header)] + [esc(c) for c in self.columns]) + " |",
+                 "|" + "|".join([":---"] + ["---:"] * len(self.columns)) + "|"]
+        for r in self.rows:
+            lines.append("| " + " | ".join([esc(r)] + [self._cell(r, c) for c in self.columns]) + " |")
+        return "\n".join(lines)
+
+    def latex(self, label: str | None = None) -> str:
+        cols = "l" + "r" * len(self.columns)
+        lines = ["\\begin{table}[t]", "\\centering", f"\\caption{{{_tex(self.caption)}}}"]
+        if label:
+            lines.append(f"\\label{{{label}}}")
+        lines += [f"\\begin{{tabular}}{{{cols}}}", "\\toprule",
+                  " & ".join([_tex(self.row_header.capitalize())] + [_tex(c) for c in self.columns]) + " \\\\",
+                  "\\midrule"]
+        for r in self.rows:
+            lines.append(" & ".join([_tex(r)] + [self._cell(r, c, latex=True) for c in self.columns]) + " \\\\")
+        lines += ["\\bottomrule", "\\end{tabular}", "\\end{table}"]
+        return "\n".join(lines)
+
+
+def _tex(s: str) -> str:
+    out = str(s)
+    for a, b in (("\\", "\\textbackslash{}"), ("&", "\\&"), ("%", "\\%"), ("_", "\\_"), ("#", "\\#"),
+                 ("±", "$\\pm$"), ("Δ", "$\\Delta$"), (DASH, "--")):
+        out = out.replace(a, b)
+    return out
+
+
+def noise_label(rate: float) -> str:
+    return f"{rate * 100:g}%"
+
+
+def method_order(df: pd.DataFrame) -> list[str]:
+    """Variants in the study's order; otherwise by prompt blocks, then label."""
+    study = df.attrs.get("study")
+    present = list(dict.fromkeys(df["method"]))
+    if study is not None and study.variants:
+        order = [v["name"] for v in study.variants]
+        return [m for m in order if m in present] + [m for m in present if m not in order]
+    firsts = df.groupby("method", sort=False)["blocks"].first() if "blocks" in df else None
+    key = (lambda m: (_num(firsts.get(m)), m)) if firsts is not None else (lambda m: (0, m))
+    return sorted(present, key=key)
+
+
+def _num(v) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.inf
+
+
+def cell_stats(df: pd.DataFrame, metric: str, scale: float = 1.0) -> pd.DataFrame:
+    """mean, std (ddof=1), n of `metric` at the last epoch of complete runs, per method x noise rate."""
+    last = last_epoch(df)
+    if last.empty:
+        return pd.DataFrame(columns=["method", "noise_rate", "mean", "std", "n"])
+    vals = last.assign(v=last[metric].astype(float) * scale).dropna(subset=["v"])
+    g = vals.groupby(["method", "noise_rate"])["v"]
+    out = pd.DataFrame({"mean": g.mean(), "std": g.std(ddof=1), "n": g.size()}).reset_index()
+    return out
+
+
+def _left_out(df: pd.DataFrame) -> str:
+    runs = df.groupby("run")
+    done = set(last_epoch(df)["run"])
+    missing = [r for r in runs.groups if r not in done]
+    if not missing:
+        return ""
+    status = df.drop_duplicates("run").set_index("run").loc[missing, "status"].value_counts()
+    words = {"TERMINATED": "stopped early", "ERROR": "error"}  # TERMINATED short of the last epoch: ASHA
+    parts = ", ".join(f"{n} {words.get(s, s.lower())}" for s, n in status.items())
+    return f" {len(missing)} run(s) not at their last epoch are left out ({parts})."
+
+
+def ablation_table(df: pd.DataFrame, metric: str = "test_acc", baseline: str = BASELINE, digits: int = 2) -> Table:
+    """Rows: methods; columns: noise rates, their mean, and the difference of that mean to CoOp."""
+    stats = cell_stats(df, metric)
+    rows = [m for m in method_order(df) if m in set(stats["method"])]
+    rates = sorted(stats["noise_rate"].unique())
+    columns = [noise_label(r) for r in rates] + ["mean"]
+    cells: dict[tuple[str, str], Cell] = {}
+    for s in stats.itertuples():
+        cells[(s.method, noise_label(s.noise_rate))] = Cell(s.mean, s.std if s.n > 1 else math.nan, int(s.n))
+    for col in columns[:-1]:  # bold the best mean of each noise rate
+        best = max((cells[(r, col)].mean for r in rows if (r, col) in cells), default=None)
+        for r in rows:
+            if (r, col) in cells and len(rows) > 1 and cells[(r, col)].mean == best:
+                cells[(r, col)].bold = True
+    incomplete = []
+    for r in rows:
+        means = [cells[(r, c)].mean for c in columns[:-1] if (r, c) in cells]
+        if len(means) == len(columns) - 1:
+            cells[(r, "mean")] = Cell(float(np.mean(means)))
+        else:
+            incomplete.append(r)
+    name = {"test_acc": "Test accuracy", "val_acc": "Validation accuracy"}.get(metric, metric)
+    caption = (f"{name} (%) at the last epoch, mean ± std over seeds (sample std; a single run shows no std). "
+               f"Columns: noise rate; mean: average over the noise rates.")
+    if baseline in rows and (baseline, "mean") in cells:
+        columns.append(f"Δ vs {baseline}")
+        base = cells[(baseline, "mean")].mean
+        for r in rows:
+            if (r, "mean") in cells:
+                cells[(r, columns[-1])] = Cell(cells[(r, "mean")].mean - base, signed=True)
+        caption += f" Δ: the mean minus that of the CoOp baseline ({baseline})."
+    else:
+        caption += f" No CoOp baseline (a variant named '{baseline}') in this study, so no Δ column."
+    if incomplete:
+        caption += f" No mean for {', '.join(incomplete)}: not every noise rate has a result."
+    study = df.attrs.get("study")
+    if study is not None and study.kind != "grid":
+        caption += (" Each row pools every trial of the search with that setting (its other searched values, "
+                    "e.g. alpha, differ).")
+    ns = sorted(set(stats["n"].astype(int)))
+    caption += f" Runs per cell: {', '.join(map(str, ns))}." if ns else ""
+    caption += _left_out(df)
+    return Table(f"{name} (last epoch)", rows, columns, cells, caption, stats, "method", digits)
+
+
+SELECTION = (("kept_frac", "kept"), ("select_precision", "precision"), ("select_recall", "recall"),
+             ("noise_auroc", "AUROC"))
+
+
+def selection_table(df: pd.DataFrame, digits: int = 1) -> Table:
+    """Clean-sample selection at the last epoch, per method x noise rate: kept fraction, precision
+    (clean share of kept), recall (kept share of clean), AUROC of G for clean vs noisy; all in %."""
+    per = {key: cell_stats(df, key, scale=100.0) for key, _ in SELECTION}
+    base = per["kept_frac"]
+    order = method_order(df)
+    keys = sorted({(m, r) for m, r in zip(base["method"], base["noise_rate"])},
+                  key=lambda k: (order.index(k[0]) if k[0] in order else len(order), k[1]))
+    rows = [f"{m} @ {noise_label(r)}" for m, r in keys]
+    columns = [f"{label} (%)" for _, label in SELECTION]
+    cells = {}
+    for (key, label), col in zip(SELECTION, columns):
+        for s in per[key].itertuples():
+            cells[(f"{s.method} @ {noise_label(s.noise_rate)}", col)] = Cell(
+                s.mean, s.std if s.n > 1 else math.nan, int(s.n))
+    caption = ("Clean-sample selection at the last epoch, mean ± std over seeds, in %: kept = share of the "
+               "training set kept; precision = clean share of the kept samples; recall = share of the clean "
+               "samples kept; AUROC of the robust similarity G for clean vs noisy (– where undefined, e.g. "
+               "no noise)." + _left_out(df))
+    stats = pd.concat([p.assign(metric=k) for k, p in per.items()], ignore_index=True)
+    return Table("Clean-sample selection (last epoch)", rows, columns, cells, caption, stats,
+                 "method @ noise", digits)
+
+
+def best_trials(df: pd.DataFrame, k: int = 5) -> pd.DataFrame:
+    """The k trials with the best objective at their last epoch (complete ones), with searched params."""
+    last = last_epoch(df)
+    if last.empty:
+        return pd.DataFrame()
+    keys = [c for c in df.attrs.get("searched", []) if c in last]
+    per = last.groupby("trial_id", sort=False).agg(
+        method=("method", "first"), **{c: (c, "first") for c in keys},
+        objective=("objective", "first"), test_acc=("test_acc", "mean")).reset_index()
+    asc = df.attrs.get("mode", "max") == "min"
+    return per.sort_values("objective", ascending=asc).head(k).reset_index(drop=True)
+
+
+def frame_markdown(frame: pd.DataFrame, digits: int = 4) -> str:
+    """A plain DataFrame as a Markdown table (pandas' to_markdown needs tabulate, not a dependency)."""
+    def fmt(v):
+        if isinstance(v, float):
+            return DASH if not math.isfinite(v) else f"{v:.{digits}g}"
+        return str(v).replace("|", "\\|").replace("\n", " ")
+    cols = list(frame.columns)
+    lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)

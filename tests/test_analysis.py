@@ -1,0 +1,318 @@
+"""analysis/: the loader, tables, plots, Optuna view, `launch.py report` and the notebooks, on the output
+of real tiny studies (session fixtures grid_experiment / optuna_experiment in conftest.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from studies import grid_study, run
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def raw_trials(exp) -> list[tuple[dict, list[dict]]]:
+    """(params.json, result.json lines) of every trial folder, read by hand."""
+    out = []
+    for d in sorted(Path(exp).iterdir()):
+        if (d / "result.json").is_file():
+            lines = [json.loads(x) for x in (d / "result.json").read_text().splitlines() if x.strip()]
+            out.append((json.loads((d / "params.json").read_text()), lines))
+    return out
+
+
+def copy_experiment(src, dst) -> Path:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoint_*", "events.out.*"))
+    return Path(dst)
+
+
+def edit_state(exp: Path, edit) -> None:
+    """Apply edit(trial_state, metadata) -> kept? to every trial of Tune's experiment_state JSON."""
+    path = next(exp.glob("experiment_state-*.json"))
+    data = json.loads(path.read_text())
+    kept = []
+    for state_json, meta_json in data["trial_data"]:
+        state, meta = json.loads(state_json), json.loads(meta_json)
+        if edit(state, meta) is not False:
+            kept.append([json.dumps(state), json.dumps(meta)])
+    data["trial_data"] = kept
+    path.write_text(json.dumps(data))
+
+
+# --- loader -------------------------------------------------------------------------------------
+
+def test_grid_experiment_loads_one_row_per_trial_and_epoch_with_full_config(grid_experiment):
+    from analysis import load_experiment, trial_summary
+
+    df = load_experiment(grid_experiment)
+    assert len(df) == 8 * 3 and df["run"].nunique() == 8
+    assert set(df["status"]) == {"TERMINATED"} and df["complete"].sum() == 8
+    assert sorted(df["epoch"].unique()) == [0, 1, 2]
+    assert list(df.attrs["study"].params) == ["noise_rate", "seed"]
+    coop = df[df["method"] == "coop"]
+    # study.trial + params + variant overrides
+    assert set(coop["blocks"]) == {1} and set(coop["selector"]) == {"none"} and set(coop["dataset"]) == {"digits"}
+    assert set(df[df["method"] == "rsnl-m2"]["blocks"]) == {2}
+    for params, lines in raw_trials(grid_experiment):
+        rows = df[df["trial_id"] == lines[0]["trial_id"]].sort_values("epoch")
+        assert rows["noise_rate"].iloc[0] == params["noise_rate"] and rows["seed"].iloc[0] == params["seed"]
+        assert rows["method"].iloc[0] == params["variant"]["name"]
+        assert rows["test_acc"].tolist() == [x["test_acc"] for x in lines]
+        assert rows["epoch_lr"].tolist() == [x["lr"] for x in lines] and set(rows["lr"]) == {0.002}
+    summary = trial_summary(df)
+    assert len(summary) == 8 and summary["epochs_done"].tolist() == [3] * 8
+
+
+def test_optuna_group_is_exploded_into_member_runs(optuna_experiment):
+    from analysis import load_experiment
+
+    df = load_experiment(optuna_experiment)
+    assert df["trial_id"].nunique() == 4 and df["run"].nunique() == 8 and len(df) == 4 * 2 * 3
+    assert set(df["seed"]) == {1, 2} and set(df["noise_rate"]) == {0.5}
+    for params, lines in raw_trials(optuna_experiment):
+        t = df[df["trial_id"] == lines[0]["trial_id"]]
+        assert t["blocks"].iloc[0] == params["blocks"] and t["alpha_base"].iloc[0] == params["alpha_base"]
+        for line in lines:
+            at = t[t["epoch"] == line["epoch"]]
+            assert (at["objective"] == line["val_acc"]).all()  # the reported group mean
+            for member, metrics in line["group"].items():
+                row = at[at["member"] == member]
+                assert len(row) == 1 and row["val_acc"].item() == metrics["val_acc"]
+                assert f"seed={row['seed'].item()}" in member
+
+
+def test_loader_needs_no_ray_torch_or_model_code(optuna_experiment, tmp_path):
+    code = ("import sys; from analysis.load import load_experiment; from analysis.report import write_report;"
+            f"load_experiment({str(optuna_experiment)!r}); write_report({str(optuna_experiment)!r}, {str(tmp_path)!r});"
+            "bad = [m for m in ('ray', 'torch', 'open_clip', 'rsnl.train', 'rsnl.models') if m in sys.modules];"
+            "assert not bad, bad")
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+                       env={**os.environ, "MPLBACKEND": "Agg"})
+    assert p.returncode == 0, p.stderr[-2000:]
+
+
+def test_running_trial_and_lagging_state_are_read_not_dropped(grid_experiment, tmp_path):
+    from analysis import ablation_table, load_experiment, trial_summary, write_report
+
+    exp = copy_experiment(grid_experiment, tmp_path / "grid")
+    dirs = sorted(d for d in exp.iterdir() if (d / "result.json").is_file() and "rsnl-m2_noise_rate=0.5" in d.name)
+    running, unlisted = dirs
+    first = (running / "result.json").read_text().splitlines()[0]
+    (running / "result.json").write_text(first + "\n" + '{"epoch": 1, "test_a')  # a line mid-write
+    running_id = json.loads(first)["trial_id"]
+    unlisted_id = json.loads((unlisted / "result.json").read_text().splitlines()[0])["trial_id"]
+
+    def edit(state, meta):
+        if state["trial_id"] == running_id:
+            state["status"] = "RUNNING"
+        return state["trial_id"] != unlisted_id  # a trial the (lagging) state does not know yet
+    edit_state(exp, edit)
+
+    df = load_experiment(exp)
+    assert df["run"].nunique() == 8
+    r = df[df["trial_id"] == running_id]
+    assert r["status"].tolist() == ["RUNNING"] and r["epoch"].tolist() == [0] and not r["complete"].any()
+    assert set(df[df["trial_id"] == unlisted_id]["status"]) == {"TERMINATED"}  # judged from its folder
+    summary = trial_summary(df).set_index("trial_id")
+    assert summary.loc[running_id, "epochs_done"] == 1 and summary.loc[running_id, "status"] == "RUNNING"
+    table = ablation_table(df)
+    cell = table.stats.set_index(["method", "noise_rate"]).loc[("rsnl-m2", 0.5)]
+    assert cell["n"] == 1 and math.isnan(cell["std"])
+    assert "1 run(s) not at their last epoch are left out (1 running)" in table.caption
+    text = write_report(exp, tmp_path / "report").read_text()
+    assert "## Trials not finished" in text and "RUNNING" in text
+
+
+@pytest.fixture(scope="module")
+def failed_experiment(ray_session, ray_env, tmp_path_factory, study_cache):
+    """A real one-trial grid study whose trial raises at epoch 1 and is not retried
+    (tune/trainable.py's fault hook: $RSNL_FAULT_FILE holding {"epoch": k})."""
+    values = grid_study(tmp_path_factory.mktemp("failing"), study_cache, name="failing", epochs=2)
+    values["search"]["params"] = {"noise_rate": {"grid": [0.5]}, "seed": {"grid": [1]}}
+    values["variants"] = values["variants"][:1]
+    values["max_failures"] = 0
+    fault = Path(ray_env["RSNL_FAULT_FILE"])
+    fault.write_text(json.dumps({"epoch": 1}))
+    try:
+        _, path, _ = run(values)
+    finally:
+        fault.unlink()
+        Path(str(fault) + ".done").unlink(missing_ok=True)
+    return path
+
+
+def test_failed_trial_is_listed_with_its_error(failed_experiment, tmp_path):
+    from analysis import ablation_table, load_experiment, trial_summary, write_report
+
+    df = load_experiment(failed_experiment)
+    assert df["status"].tolist() == ["ERROR"] and df["epoch"].tolist() == [0]  # its one reported epoch
+    failed = trial_summary(df).iloc[0]
+    assert failed["error"].startswith("RuntimeError: injected fault at epoch 1") and failed["epochs_done"] == 1
+    assert not ablation_table(df)  # the protocol's number needs the last epoch
+    text = write_report(failed_experiment, tmp_path).read_text()
+    assert "## Trials not finished" in text and "injected fault at epoch 1" in text
+    assert "_No run has reached its last epoch yet._" in text
+
+
+# --- tables -------------------------------------------------------------------------------------
+
+def test_ablation_table_cells_match_hand_computed_mean_and_std(grid_experiment):
+    from analysis import ablation_table, load_experiment
+
+    by_cell: dict[tuple, list[float]] = {}
+    for params, lines in raw_trials(grid_experiment):
+        assert lines[-1]["epoch"] == 2
+        by_cell.setdefault((params["variant"]["name"], params["noise_rate"]), []).append(lines[-1]["test_acc"])
+    table = ablation_table(load_experiment(grid_experiment))
+    assert table.rows == ["coop", "rsnl-m2"] and table.columns == ["25%", "50%", "mean", "Δ vs coop"]
+    md = table.markdown()
+    for (method, rate), vals in by_cell.items():
+        mean, std = statistics.mean(vals), statistics.stdev(vals)
+        cell = table.cells[(method, f"{rate * 100:g}%")]
+        assert cell.mean == pytest.approx(mean, abs=1e-12) and cell.std == pytest.approx(std, abs=1e-12)
+        assert cell.n == 2
+        assert f"{mean:.2f}** ± {std:.2f}" in md or f"{mean:.2f} ± {std:.2f}" in md
+    row_mean = {m: statistics.mean([statistics.mean(by_cell[(m, r)]) for r in (0.25, 0.5)]) for m in table.rows}
+    for m in table.rows:
+        assert table.cells[(m, "mean")].mean == pytest.approx(row_mean[m])
+        assert table.cells[(m, "Δ vs coop")].mean == pytest.approx(row_mean[m] - row_mean["coop"])
+    latex = table.latex("tab:ablation")
+    assert "\\begin{tabular}{lrrrr}" in latex and "\\label{tab:ablation}" in latex and "\\toprule" in latex
+    m, r = "rsnl-m2", 0.5
+    assert f"{statistics.mean(by_cell[(m, r)]):.2f}}} \\pm {statistics.stdev(by_cell[(m, r)]):.2f}$" in latex \
+        or f"${statistics.mean(by_cell[(m, r)]):.2f} \\pm {statistics.stdev(by_cell[(m, r)]):.2f}$" in latex
+
+
+def test_selection_table_and_missing_baseline(optuna_experiment):
+    from analysis import ablation_table, load_experiment, selection_table
+
+    df = load_experiment(optuna_experiment)
+    sel = selection_table(df)
+    last = {}
+    for params, lines in raw_trials(optuna_experiment):
+        for member in lines[-1]["group"].values():
+            last.setdefault(f"m={params['blocks']} gmm/ce @ 50%", []).append(member["select_precision"] * 100)
+    assert sorted(sel.rows) == sorted(last)
+    for row, vals in last.items():
+        assert sel.cells[(row, "precision (%)")].mean == pytest.approx(statistics.mean(vals))
+    acc = ablation_table(df)
+    assert "Δ vs coop" not in acc.columns and "No CoOp baseline" in acc.caption
+
+
+# --- Optuna view ------------------------------------------------------------------------------------
+
+def test_rebuilt_optuna_study_uses_the_group_mean_objective_at_the_last_epoch(optuna_experiment):
+    from optuna.trial import TrialState
+
+    from analysis import importance, load_experiment
+
+    df = load_experiment(optuna_experiment)
+    ostudy = importance.build_study(df)
+    expected = {lines[0]["trial_id"]: lines[-1]["val_acc"] for _, lines in raw_trials(optuna_experiment)}
+    got = {t.user_attrs["tune_trial_id"]: t.value for t in ostudy.trials}
+    assert got == pytest.approx(expected)
+    assert all(t.state == TrialState.COMPLETE for t in ostudy.trials)
+    assert set(ostudy.trials[0].params) == {"blocks", "alpha_base", "alpha_rate"}
+    for name in importance.EVALUATORS:
+        values, note = importance.importances(ostudy, name)
+        if note is None:  # the tiny model may give a constant objective: then a note, not a crash
+            assert set(values) == {"blocks", "alpha_base", "alpha_rate"} and sum(values.values()) == pytest.approx(1)
+
+
+def test_too_few_trials_or_a_constant_objective_give_notes(optuna_experiment):
+    from analysis import importance, load_experiment
+
+    df = load_experiment(optuna_experiment)
+    flat = df.copy()
+    flat["objective"] = 10.0
+    ostudy = importance.build_study(flat)
+    assert "the same (10)" in importance.importances(ostudy)[1]
+    assert importance.plot_importances(ostudy, flat)[0] is None
+    one = df[df["trial_id"] == df["trial_id"].iloc[0]].copy()
+    one.attrs = df.attrs
+    ostudy = importance.build_study(one)
+    note = "parameter importance needs at least 2 complete trials; this study has 1"
+    assert importance.importances(ostudy, "fanova") == ({}, note)
+    assert importance.plot_alpha_contour(ostudy, one)[0] is None
+    assert importance.plot_history(ostudy, one)[0] is not None
+
+
+# --- report ------------------------------------------------------------------------------------------
+
+def _pngs_ok(out: Path, text: str, expected: set[str]) -> None:
+    pngs = {p.name for p in out.glob("*.png")}
+    assert expected <= pngs
+    for name in pngs:
+        data = (out / name).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 10_000, name
+        assert f"]({name})" in text
+
+
+def test_report_command_on_a_search(optuna_experiment, tmp_path, capsys):
+    import launch
+
+    out = tmp_path / "rep"
+    assert launch.main(["report", str(optuna_experiment), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == f"[rsnl] report written to {out / 'report.md'}"
+    text = (out / "report.md").read_text()
+    for section in ("# Study report: search", "## Test accuracy (last epoch)", "## Clean-sample selection",
+                    "## Per-epoch curves", "## Hyperparameter search", "### Parameter importance"):
+        assert section in text
+    assert "\\begin{tabular}" in (out / "ablation.tex").read_text()
+    _pngs_ok(out, text, {"accuracy_vs_noise.png", "curves_noise_50.png", "optimization_history.png"})
+
+
+def test_report_of_a_grid_goes_to_experiment_report_by_default(grid_experiment, tmp_path):
+    from analysis import write_report
+
+    exp = copy_experiment(grid_experiment, tmp_path / "grid")
+    path = write_report(exp)
+    assert path == exp / "report" / "report.md"
+    text = path.read_text()
+    assert "| coop |" in text and "Δ vs coop" in text and "Hyperparameter search" not in text
+    _pngs_ok(path.parent, text, {"accuracy_vs_noise.png", "curves_noise_25.png", "curves_noise_50.png"})
+
+
+@pytest.mark.parametrize("make", ["missing", "empty"])
+def test_report_of_a_missing_or_empty_folder_is_one_line(tmp_path, capsys, make):
+    import launch
+
+    target = tmp_path / "nothing"
+    if make == "empty":
+        target.mkdir()
+    assert launch.main(["report", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("launch.py report: error: ") and str(target) in err
+
+
+# --- notebooks -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["study_summary", "hparam_importance"])
+def test_notebooks_run_on_a_real_study(name, optuna_experiment, monkeypatch):
+    import nbclient
+    import nbformat
+    from jupyter_client.kernelspec import find_kernel_specs
+
+    if "python3" not in find_kernel_specs():
+        subprocess.run([sys.executable, "-m", "ipykernel", "install", "--user", "--name", "python3"], check=True)
+    path = REPO / "analysis" / f"{name}.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    assert all(not c.get("outputs") and c.get("execution_count") is None for c in nb.cells if c.cell_type == "code"), \
+        "notebooks are stored without outputs"
+    assert "RSNL_EXPERIMENT" in nb.cells[0].source
+    monkeypatch.setenv("RSNL_EXPERIMENT", str(optuna_experiment))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    nbclient.NotebookClient(nb, kernel_name="python3", timeout=180,
+                            resources={"metadata": {"path": str(path.parent)}}).execute()
+    images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) >= 2
+    errors = [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
+    assert not errors
