@@ -8,6 +8,7 @@ Data fixtures (generators in tests/helpers.py; each returns a fresh data_root un
 Append other fixtures below, each self-contained.
 """
 
+import contextlib
 import os
 
 import pytest
@@ -68,9 +69,31 @@ def digits_inputs(tmp_path_factory, tiny_clip):
     cfg = TrialConfig(dataset="digits", backbone="rsnl-tiny", pretrained=None, shots=8, noise_type="ptnl",
                       noise_rate=0.5, seed=1, epochs=3, batch_size=16, n_ctx=4, blocks=2, aug_views=2,
                       device="cpu", cache_dir=str(cache))
-    bank = build_feature_bank(load_dataset("digits"), tiny_clip.model, tiny_clip.preprocess, tiny_clip.identity,
-                              aug_views=cfg.aug_views, cache_dir=cache)
+    with one_torch_thread():
+        bank = build_feature_bank(load_dataset("digits"), tiny_clip.model, tiny_clip.preprocess,
+                                  tiny_clip.identity, aug_views=cfg.aug_views, cache_dir=cache)
     return cfg, tiny_clip, bank
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """One intra-op torch thread for small CPU models: on this shared 2-core machine, under load from
+    other processes, two OpenMP threads made the core tests ~3x slower (digits features: 23 s vs 3 s)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """one_torch_thread() for a whole test module (pytestmark = pytest.mark.usefixtures(...))."""
+    with one_torch_thread():
+        yield
 
 
 # ---- Ray studies (tune/, analysis/) --------------------------------------------------------------

@@ -1,0 +1,327 @@
+"""rsnl.train: the epoch loop on digits + rsnl-tiny, its metrics, determinism, exact resume, losses,
+non-finite detection and the command line (DESIGN sections 3, 4, 8)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rsnl.config import ConfigError
+from rsnl.data import DataError
+from rsnl.similarity import alpha_schedule
+from rsnl.train import (NonFiniteError, Trainer, build_trainer, json_safe, load_checkpoint, main,
+                        noisy_label_loss, preflight, resolve_device, run, trial_data)
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+REPO = Path(__file__).resolve().parent.parent
+REQUIRED = ("epoch", "train_loss", "val_acc", "test_acc", "alpha", "kept_frac", "select_precision",
+            "select_recall", "noise_auroc", "epoch_seconds")
+
+
+def without_time(history):
+    return [{k: v for k, v in m.items() if k != "epoch_seconds"} for m in history]
+
+
+def trainer(inputs, **changes) -> Trainer:
+    cfg, clip, bank = inputs
+    return build_trainer(cfg.replace(**changes), clip, bank)
+
+
+# ---- one run -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def three_epochs(digits_inputs):
+    """The base config (digits, 8 shots, ptnl 0.5, 2 blocks, n_ctx 4, 2 views) trained for 3 epochs."""
+    tr = trainer(digits_inputs)
+    return tr, tr.run()
+
+
+def test_metrics_every_epoch(digits_inputs, three_epochs):
+    cfg = digits_inputs[0]
+    tr, history = three_epochs
+    assert len(history) == 3 and tr.done and tr.epoch == 3
+    for e, m in enumerate(history):
+        assert set(REQUIRED) <= set(m), set(REQUIRED) - set(m)
+        assert m["epoch"] == e
+        assert m["alpha"] == alpha_schedule(e, cfg.alpha_base, cfg.alpha_rate)
+        assert math.isfinite(m["train_loss"]) and m["train_loss"] > 0
+        assert 0 <= m["val_acc"] <= 100 and 0 <= m["test_acc"] <= 100
+        assert 0 < m["kept_frac"] <= 1 and 0 <= m["select_precision"] <= 1 and 0 <= m["select_recall"] <= 1
+        assert 0 <= m["noise_auroc"] <= 1  # half the sample is noisy, so AUROC is defined
+        assert m["epoch_seconds"] > 0
+        # plain Python numbers: checkpoints are read back with weights_only=True, which refuses numpy scalars
+        assert type(m["epoch"]) is int and all(type(v) is float for k, v in m.items() if k != "epoch")
+    # warm-up epoch at constant warmup_lr, then cosine over all epochs
+    assert history[0]["lr"] == pytest.approx(cfg.warmup_lr)
+    for e in (1, 2):
+        assert history[e]["lr"] == pytest.approx(cfg.lr * 0.5 * (1 + math.cos(math.pi * e / cfg.epochs)))
+    # the sample is 8 shots x 10 classes, half of them noisy (ptnl 0.5)
+    s = tr.data.sample
+    assert len(s) == 80 and s.is_noisy.sum() == 40
+    for m in history:  # kept_frac is a count of the 80 samples
+        assert m["kept_frac"] * 80 == pytest.approx(round(m["kept_frac"] * 80), abs=1e-9)
+
+
+def test_epoch0_selection_uses_feature_similarity(digits_inputs, three_epochs):
+    """Before training, G = alpha(0) z(p) + (1 - alpha(0)) z(g) with the initial prompts; the metrics
+    of epoch 0 are those of that selection."""
+    from rsnl.similarity import feature_similarity, prompt_similarity, select_clean, selection_metrics
+    cfg = digits_inputs[0]
+    tr = trainer(digits_inputs)
+    s = tr.data.sample
+    with torch.no_grad():
+        z_p = prompt_similarity(tr.train_f, tr.prompts.text_features(), s.labels)
+    z_g = feature_similarity(tr.train_f, s.labels)
+    alpha = alpha_schedule(0, cfg.alpha_base, cfg.alpha_rate)
+    assert alpha == 0.2
+    g = alpha * z_p + (1 - alpha) * z_g
+    keep = select_clean(g, s.labels, "gmm", reg_covar=cfg.gmm_reg_covar, seed=cfg.seed)
+    expect = selection_metrics(keep, s.is_noisy, g)
+    m0 = three_epochs[1][0]
+    for k, v in expect.items():
+        assert m0[k] == pytest.approx(v, abs=1e-12), k
+
+
+def test_same_config_twice_gives_identical_metrics(digits_inputs, three_epochs):
+    again = trainer(digits_inputs).run()
+    assert without_time(again) == without_time(three_epochs[1])
+
+
+def test_seed_changes_the_run(digits_inputs, three_epochs):
+    other = trainer(digits_inputs, seed=2, epochs=1).run()
+    assert other[0]["train_loss"] != three_epochs[1][0]["train_loss"]
+
+
+def test_exact_resume(digits_inputs, tmp_path):
+    full = trainer(digits_inputs, epochs=4)
+    full_history = full.run()
+
+    part = trainer(digits_inputs, epochs=4)
+    part.train_epoch()
+    part.train_epoch()
+    part.save(tmp_path / "ckpt.pt")
+    del part
+
+    fresh = trainer(digits_inputs, epochs=4)
+    fresh.load_state_dict(load_checkpoint(tmp_path / "ckpt.pt"))
+    assert fresh.epoch == 2 and len(fresh.history) == 2
+    resumed = fresh.run()
+    assert without_time(resumed) == without_time(full_history)
+    assert torch.equal(fresh.prompts.ctx, full.prompts.ctx)
+    assert not torch.equal(full.prompts.ctx, trainer(digits_inputs, epochs=4).prompts.ctx)  # it did train
+
+    # the same through run(resume_from=path); a finished checkpoint has nothing left to do
+    cfg, clip, bank = digits_inputs
+    h = run(cfg.replace(epochs=4), resume_from=tmp_path / "ckpt.pt", inputs=(clip, bank))
+    assert without_time(h) == without_time(full_history)
+    done = trainer(digits_inputs, epochs=4)
+    done.load_state_dict(full.state_dict())
+    assert done.run() == full_history
+
+
+def test_resume_with_another_config_is_refused(digits_inputs):
+    tr = trainer(digits_inputs, epochs=2)
+    tr.train_epoch()
+    state = tr.state_dict()
+    for change, key in (({"lr": 0.01}, "lr"), ({"epochs": 3}, "epochs"), ({"blocks": 3}, "blocks")):
+        other = trainer(digits_inputs, **{"epochs": 2, **change})
+        with pytest.raises(ConfigError) as e:
+            other.load_state_dict(state)
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith("checkpoint: made with a different config") and f"({key})" in msg
+    # runtime settings may differ (another machine, another cache folder)
+    same = trainer(digits_inputs, epochs=2, cache_dir="/elsewhere", num_workers=2)
+    same.load_state_dict(state)
+    assert same.epoch == 1
+
+
+# ---- losses --------------------------------------------------------------------------------------
+
+
+def test_losses_on_hand_example():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0], [1.0, 3.0, 0.5]])
+    y = torch.tensor([0, 2, 0])
+    z = [math.exp(2) + 1 + math.exp(-1), 3.0, math.e + math.exp(3) + math.exp(0.5)]
+    p = [math.exp(2) / z[0], 1 / 3, math.e / z[2]]  # softmax probability of the (noisy) label
+    q = 0.7
+    ce = sum(-math.log(v) for v in p) / 3
+    gce = sum((1 - v ** q) / q for v in p) / 3
+    mae = sum(2 * (1 - v) for v in p) / 3
+    assert noisy_label_loss(logits, y, "ce").item() == pytest.approx(ce, rel=1e-6)
+    assert noisy_label_loss(logits, y, "gce", q).item() == pytest.approx(gce, rel=1e-6)
+    assert noisy_label_loss(logits, y, "mae").item() == pytest.approx(mae, rel=1e-6)
+    # MAE is the L1 distance between softmax and one-hot
+    l1 = (logits.softmax(-1) - F.one_hot(y, 3)).abs().sum(-1).mean()
+    assert noisy_label_loss(logits, y, "mae").item() == pytest.approx(l1.item(), rel=1e-6)
+    # GCE tends to CE as q -> 0
+    assert noisy_label_loss(logits, y, "gce", 1e-4).item() == pytest.approx(ce, rel=1e-3)
+    with pytest.raises(ValueError, match="loss 'focal'"):
+        noisy_label_loss(logits, y, "focal")
+
+
+@pytest.mark.parametrize("loss", ["gce", "mae"])
+def test_robust_losses_train(digits_inputs, loss):
+    h = trainer(digits_inputs, loss=loss, epochs=2).run()
+    assert all(math.isfinite(m["train_loss"]) for m in h)
+    assert 0 < h[0]["train_loss"] < (1 / 0.7 if loss == "gce" else 2)  # both are bounded
+
+
+# ---- baselines and options -----------------------------------------------------------------------
+
+
+def test_coop_baseline_keeps_everything(digits_inputs):
+    h = trainer(digits_inputs, blocks=1, selector="none", epochs=2).run()
+    assert all(m["kept_frac"] == 1.0 and m["select_recall"] == 1.0 for m in h)
+    assert all(m["select_precision"] == pytest.approx(0.5) for m in h)  # ptnl 0.5
+
+
+def test_ratio_selector_and_no_views(digits_inputs):
+    tr = trainer(digits_inputs, selector="ratio", select_ratio=0.25, aug_views=0, epochs=1)
+    assert tr.views is None
+    h = tr.run()
+    assert h[0]["kept_frac"] == pytest.approx(0.25)  # ceil(0.25 * 8) = 2 of 8 per class
+
+
+def test_class_specific_front_context_trains(digits_inputs):
+    tr = trainer(digits_inputs, csc=True, class_token_position="front", epochs=1)
+    assert tr.prompts.ctx.shape == (2, 10, 4, 64)
+    before = tr.prompts.ctx.detach().clone()
+    h = tr.run()
+    assert math.isfinite(h[0]["train_loss"]) and not torch.equal(before, tr.prompts.ctx)
+
+
+def test_nonfinite_loss_names_epoch(digits_inputs):
+    """lr 1e10: the warm-up epoch 0 is fine, epoch 1 blows the context up."""
+    tr = trainer(digits_inputs, lr=1e10)
+    with pytest.raises(NonFiniteError) as e:
+        tr.run()
+    msg = str(e.value)
+    assert msg.startswith("epoch 1: train_loss is nan") and "lower lr" in msg
+    assert len(tr.history) == 1 and tr.epoch == 1  # the failed epoch is not recorded
+
+
+def test_nan_feature_raises(digits_inputs):
+    cfg, clip, bank = digits_inputs
+    data = trial_data(cfg, bank)
+    data.train_views = data.train_views.clone()
+    data.train_views[:, 5] = float("nan")  # one sample's augmented views (selection uses view 0)
+    tr = Trainer(cfg, data, clip.model, clip.tokenizer, bank.classnames)
+    with pytest.raises(NonFiniteError, match=r"^epoch 0: train_loss is nan"):
+        tr.train_epoch()
+
+
+def test_preflight_checks(digits_inputs):
+    cfg = digits_inputs[0]
+    with pytest.raises(ConfigError, match="^ctx_init: with blocks > 1"):
+        preflight(cfg.replace(ctx_init="a photo of a", blocks=2))
+    with pytest.raises(DataError, match="shots is 500"):
+        preflight(cfg.replace(shots=500))
+    assert preflight(cfg.replace(ctx_init="a photo of a", blocks=1)).name == "digits"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_without_gpu():
+    with pytest.raises(ConfigError, match="no CUDA GPU is visible"):
+        resolve_device("cuda")
+    assert resolve_device("auto") == torch.device("cpu")
+
+
+def test_json_safe():
+    assert json.loads(json.dumps(json_safe({"a": float("nan"), "b": 1.5, "c": float("inf"), "d": 3}))) == \
+        {"a": None, "b": 1.5, "c": None, "d": 3}
+
+
+# ---- command line --------------------------------------------------------------------------------
+
+
+def cli(*args, cache, timeout=180):
+    env = {"OMP_NUM_THREADS": "1", **os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    start = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "rsnl.train", "--config", str(REPO / "rsnl/configs/digits.yaml"),
+                        "--set", f"cache_dir={cache}", *args], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=timeout)
+    return p, time.perf_counter() - start
+
+
+QUICK = ["--set", "epochs=2", "--set", "shots=4", "--set", "aug_views=1", "--set", "blocks=2", "--set", "device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def cli_cache(digits_inputs):
+    """The session's digits feature cache: the CLI's views 0-1, val and test are hits there."""
+    return digits_inputs[0].cache_dir
+
+
+def test_cli_run_out_and_resume(tmp_path, cli_cache):
+    out = tmp_path / "run"
+    p, _ = cli(*QUICK, "--out", str(out), cache=cli_cache)
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = p.stdout.strip().splitlines()
+    final = json.loads(lines[-1])
+    assert final["epoch"] == 1 and 0 <= final["test_acc"] <= 100 and set(REQUIRED) <= set(final)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [0, 1] and metrics[-1] == final
+    assert (out / "checkpoint.pt").is_file() and not list(out.glob("*.tmp"))
+
+    # resuming the finished run with the same config trains nothing and ends with the same line
+    p2, _ = cli(*QUICK, "--out", str(out), "--resume", cache=cli_cache)
+    assert p2.returncode == 0, p2.stderr[-2000:]
+    assert p2.stdout.strip().splitlines()[-1] == lines[-1]
+    assert (out / "metrics.jsonl").read_text().count("\n") == 2
+
+    # a longer run is another config: refused before any model or feature work, the old run untouched
+    before = (out / "checkpoint.pt").read_bytes()
+    p3, elapsed = cli(*QUICK, "--set", "epochs=3", "--out", str(out), "--resume", cache=cli_cache)
+    assert p3.returncode == 2 and p3.stdout == ""
+    err = p3.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("rsnl: error: checkpoint: made with a different config (epochs)")
+    assert (out / "checkpoint.pt").read_bytes() == before
+    assert elapsed < 20
+
+
+def test_cli_bad_set_is_one_line_and_fast(cli_cache):
+    p, elapsed = cli("--set", "noise_rat=0.5", cache=cli_cache)
+    assert p.returncode == 2 and p.stdout == ""
+    err = p.stderr.strip().splitlines()
+    assert err == ["rsnl: error: noise_rat: unknown key (did you mean 'noise_rate'?)"], p.stderr
+    assert elapsed < 20  # interpreter start and imports included
+
+
+@pytest.mark.parametrize("bad,message", [
+    ("blocks=four", "blocks: must be an integer, got 'four'"),
+    ("noise_rate=1.5", "noise_rate: 1.5 is out of range; allowed: [0.0, 1.0)"),
+    ("selector=gmmm", "selector: 'gmmm' is not allowed (did you mean 'gmm'?); allowed: gmm, ratio, none"),
+    ("blocks", "--set 'blocks': expected key=value"),
+])
+def test_cli_bad_set_in_process(bad, message, capsys):
+    assert main(["--config", str(REPO / "rsnl/configs/digits.yaml"), "--set", bad]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == f"rsnl: error: {message}\n"
+
+
+def test_cli_usage_errors_in_process(tmp_path, capsys):
+    cfg = str(REPO / "rsnl/configs/digits.yaml")
+    assert main(["--config", cfg, "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "rsnl: error: --resume: needs --out DIR, the folder of the run to continue"
+    assert main(["--config", cfg, "--out", str(tmp_path / "none"), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rsnl: error: --resume:") and "checkpoint.pt does not exist" in err
+    assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["--config", cfg, "--set", "pretrained=/no/such/file.pt"]) == 2
+    assert capsys.readouterr().err.strip() == "rsnl: error: pretrained: checkpoint file /no/such/file.pt does not exist"
+    assert main(["--config", cfg, "--set", "backbone=RN5O"]) == 2
+    assert "did you mean 'RN50'" in capsys.readouterr().err
+    assert main(["--config", cfg, "--set", "dataset=dtd", "--set", f"data_root={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rsnl: error: DTD not found under data_root") and "\n" not in err
