@@ -8,6 +8,7 @@ all m x C prompts in one call of the frozen text tower.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import socket
@@ -97,18 +98,35 @@ def load_clip_full(name: str, pretrained: str | None = None, device="cpu") -> Lo
         kwargs["force_quick_gelu"] = bool(cfg.get("quick_gelu", False))
         kwargs["force_preprocess_cfg"] = {k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode")
                                           if k in cfg}
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _quiet_random_init():
         torch.manual_seed(INIT_SEED)
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(
                 name, pretrained=path, device=device, **kwargs)
-        except (RuntimeError, KeyError, ValueError, OSError) as e:
+        except Exception as e:
+            # A bad file surfaces from open_clip as many types (pickle.UnpicklingError for a non-checkpoint,
+            # SafetensorError, AssertionError or RuntimeError for another architecture's weights): all mean
+            # the file does not fit this backbone. Some carry no message, so the type leads.
             if path is None:
                 raise
+            detail = (str(e).strip().splitlines() or [""])[0][:200]
             raise ModelError(f"pretrained: {path} could not be loaded into {name}: "
-                             f"{str(e).splitlines()[0][:200]}") from None
+                             f"{type(e).__name__}{': ' + detail if detail else ''}") from None
     model.eval().requires_grad_(False)
     return LoadedClip(model, preprocess, open_clip.get_tokenizer(name), identity)
+
+
+class _quiet_random_init(logging.Filter):
+    """open_clip warns on the root logger for every random-init model; here random init is asked for."""
+
+    def filter(self, record):
+        return "No pretrained weights loaded" not in record.getMessage()
+
+    def __enter__(self):
+        logging.getLogger().addFilter(self)
+
+    def __exit__(self, *exc):
+        logging.getLogger().removeFilter(self)
 
 
 def _file_digest(path: str) -> str:
@@ -127,8 +145,9 @@ def _resolve_tag(name: str, tag: str, cfg: dict) -> str:
         return local
     if not _online():
         where = cfg.get("hf_hub") or cfg.get("url")
+        why = "HF_HUB_OFFLINE is set" if _hub_offline() else "the network is unreachable"
         raise ModelError(
-            f"pretrained: weights {name}/{tag} are not in the local cache and the network is unreachable "
+            f"pretrained: weights {name}/{tag} are not in the local cache and {why} "
             f"({where}); download them on a machine with network (python -c \"import open_clip; "
             f"open_clip.create_model('{name}', pretrained='{tag}')\") and copy ~/.cache/huggingface, "
             f"or set pretrained: /path/to/checkpoint.pt")
@@ -155,8 +174,12 @@ def _cached_tag_file(cfg: dict) -> str | None:
     return None
 
 
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no")
+
+
 def _online(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+    if _hub_offline():
         return False
     try:
         socket.create_connection((host, 443), timeout=timeout).close()
