@@ -352,8 +352,7 @@ def main(argv=None) -> int:
                 raise ConfigError(f"--resume: {out / 'checkpoint.pt'} does not exist")
             state = load_checkpoint(out / "checkpoint.pt")
             check_same_config(state, cfg)  # before any model or feature work (DESIGN section 8)
-        preflight(cfg)
-        clip, bank = load_inputs(cfg)
+        clip, bank = load_inputs(cfg)  # preflight first: data, names and shots before any model
         trainer = build_trainer(cfg, clip, bank)
         if state is not None:
             trainer.load_state_dict(state)
