@@ -56,20 +56,17 @@ def write_report(experiment, out=None, evaluator: str = "default") -> Path:
             plots.save(fig, out / filename)
             md.extend([f"![{alt}]({filename})", ""])
 
+    def table(title: str, tab, name: str) -> None:
+        md.extend([f"## {title}", ""])
+        if tab:
+            md.extend([tab.markdown(), "", f"_{tab.caption}_", "", f"LaTeX: [{name}.tex]({name}.tex)", ""])
+            (out / f"{name}.tex").write_text(tab.latex(f"tab:{name}") + "\n")
+        else:
+            md.extend(["_No run has reached its last epoch yet._", ""])
+
     acc = ablation_table(df)
-    md += ["## Test accuracy (last epoch)", ""]
-    if acc:
-        md += [acc.markdown(), "", f"_{acc.caption}_", "", "LaTeX: [ablation.tex](ablation.tex)", ""]
-        (out / "ablation.tex").write_text(acc.latex("tab:ablation") + "\n")
-    else:
-        md += ["_No run has reached its last epoch yet._", ""]
-    sel = selection_table(df)
-    md += ["## Clean-sample selection (last epoch)", ""]
-    if sel:
-        md += [sel.markdown(), "", f"_{sel.caption}_", "", "LaTeX: [selection.tex](selection.tex)", ""]
-        (out / "selection.tex").write_text(sel.latex("tab:selection") + "\n")
-    else:
-        md += ["_No run has reached its last epoch yet._", ""]
+    table("Test accuracy (last epoch)", acc, "ablation")
+    table("Clean-sample selection (last epoch)", selection_table(df), "selection")
 
     md += ["## Accuracy vs noise rate", ""]
     figure((plots.accuracy_vs_noise(df), None) if acc else (None, "no complete run to plot yet"),
