@@ -5,7 +5,6 @@ racing for one cache entry, unreadable images, the table of bad study configs an
 the safe-loading and network-binding rules.
 """
 
-import json
 import multiprocessing as mp
 import re
 import subprocess
