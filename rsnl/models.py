@@ -58,9 +58,9 @@ def check_backbone(name: str, pretrained: str | None) -> None:
         return
     tags = open_clip.list_pretrained_tags_by_model(name)
     if pretrained not in tags:
-        allowed = ", ".join(tags) if tags else "none (this architecture has no published weights)"
-        raise ModelError(f"pretrained: {pretrained!r} is not a tag of {name}; allowed: {allowed}, "
-                         f"a checkpoint path, or none")
+        allowed = f"{', '.join(tags)}, a checkpoint path, or none" if tags else "a checkpoint path or none"
+        published = "" if tags else f" ({name} has no published weights)"
+        raise ModelError(f"pretrained: {pretrained!r} is not a tag of {name}{published}; allowed: {allowed}")
 
 
 def _looks_like_path(value: str) -> bool:
