@@ -95,13 +95,14 @@ def cmd_run(argv) -> int:
     study = None
     try:
         study = load_from_args(args)
-        from tune.run import check_storage, run_study, stored_study
-        if args.resume:
-            exp = check_storage(study, resume=True)
-            if exp is not None:
-                study = stored_study(exp)
-        print(describe(study, study.experiment_path()), flush=True)
-        results, exp, _ = run_study(study, address=args.address, resume=args.resume)
+        from tune.run import run_study
+
+        def on_start(resolved):  # on resume: the stored study, not the command line's
+            nonlocal study
+            study = resolved
+            print(describe(study, study.experiment_path()), flush=True)
+
+        results, exp, _ = run_study(study, address=args.address, resume=args.resume, on_start=on_start)
     except errors as e:
         print(f"launch.py: error: {e}", file=sys.stderr)
         return 2

@@ -163,11 +163,16 @@ def compute_banks(study: StudyConfig, log=print) -> tuple[dict, dict]:
     return refs, stats
 
 
-def run_study(study: StudyConfig, address: str | None = None, resume: bool = False, log=print):
-    """Run (or resume) a study to the end; returns (ResultGrid, experiment path, feature stats)."""
+def run_study(study: StudyConfig, address: str | None = None, resume: bool = False, log=print, on_start=None):
+    """Run (or resume) a study to the end; returns (ResultGrid, experiment path, feature stats).
+
+    On resume the study stored in the experiment is the one that runs; `on_start(study)` sees it first.
+    """
     exp = check_storage(study, resume)
     if resume and exp is not None:
         study = stored_study(exp)
+    if on_start is not None:
+        on_start(study)
     preflight_study(study)
     if address is None:
         check_local_gpus(study.gpu)
