@@ -67,6 +67,8 @@ class TrialConfig:
     gmm_reg_covar: float = field(default=5e-4, metadata=_range(0.0, lo_open=True))
     # features and runtime
     aug_views: int = field(default=10, metadata={**_range(0), "help": "precomputed augmented views per image"})
+    aug_scale: float = field(default=0.08, metadata={**_range(0.0, 1.0, lo_open=True),
+                                                     "help": "smallest crop area of the random resized crop"})
     precision: str = field(default="auto", metadata=_choices("auto", "fp32", "bf16", "fp16"))
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     cache_dir: str | None = field(default=None, metadata={"help": "feature cache (None: $RSNL_CACHE or ~/.cache/rsnl)"})

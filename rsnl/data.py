@@ -53,7 +53,7 @@ class ImageSet:
     name: str  # e.g. "dtd/train"; appears in error messages
     classnames: list[str]
     labels: np.ndarray  # int64, shape [N]
-    sources: list  # per image: a file path (str) or an HxWx3 uint8 numpy array (in-memory datasets)
+    sources: list  # per image: a file path (str) or an HxW / HxWx3 uint8 array (in-memory datasets)
 
     def __post_init__(self):
         self.classnames = list(self.classnames)
@@ -139,10 +139,10 @@ def verify_images(imageset: ImageSet, indices=None) -> None:
         i = int(i)
         src = imageset.sources[i]
         if isinstance(src, np.ndarray):
-            if src.ndim != 3 or src.shape[2] != 3 or src.dtype != np.uint8:
+            if not (src.ndim == 2 or (src.ndim == 3 and src.shape[2] == 3)) or src.dtype != np.uint8:
                 raise DataError(
                     f"in-memory image {imageset.name} #{i} has shape {src.shape} dtype {src.dtype}; "
-                    "expected HxWx3 uint8"
+                    "expected HxW (greyscale) or HxWx3 uint8"
                 )
             continue
         try:
@@ -404,6 +404,162 @@ def load_digits_dataset(root: str | None = None, download: bool = False) -> Data
 
 
 # --------------------------------------------------------------------------------------------------
+# fashion-mnist: real 28x28 greyscale photos of clothing, available offline as a Debian package.
+# The official 60,000 training images are cut once, per class and by a fixed permutation, into four
+# disjoint parts; the official 10,000 test images are the test split.
+
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                         "Bag", "Ankle boot"]  # label order of the dataset (and of torchvision)
+FASHION_MNIST_DEBIAN = "/usr/share/datasets/fashion-mnist"  # apt-get install dataset-fashion-mnist
+FASHION_MNIST_FILES = {  # name -> md5 of the uncompressed file (the same for every source; Debian
+    "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",  # recompresses, so the .gz differ)
+    "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+    "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+    "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
+}
+FASHION_MNIST_SPLIT_SEED = 0  # fixed: the partition is part of the dataset, not of a trial's seed
+# Per class, in the order of the fixed permutation of that class's 6,000 official training images:
+# the few-shot train pool, the validation pool, and the rest is the stand-in VLM's pretraining corpus.
+FASHION_MNIST_POOLS = {"train": 500, "val": 500}
+FASHION_MNIST_WAYS = (f"install Debian's package (apt-get install dataset-fashion-mnist, files in "
+                      f"{FASHION_MNIST_DEBIAN}), set data_root to a folder holding torchvision's "
+                      f"FashionMNIST/raw/ (or the four *-ubyte.gz files), or set download: true with a network")
+
+
+def _fashion_mnist_folders(root: str | None) -> list[str]:
+    """Where the files may be, in order: data_root (torchvision's layout, or the files directly),
+    Debian's package, and the download folder in rsnl's cache."""
+    from rsnl.features import default_cache_dir
+    out = []
+    if root:
+        root = os.path.abspath(os.path.expanduser(str(root)))
+        out += [os.path.join(root, "FashionMNIST", "raw"), os.path.join(root, "fashion-mnist"), root]
+    out += [FASHION_MNIST_DEBIAN, os.path.join(str(default_cache_dir()), "data", "FashionMNIST", "raw")]
+    return out
+
+
+def _idx_file(folder: str, name: str) -> str | None:
+    for candidate in (os.path.join(folder, name + ".gz"), os.path.join(folder, name)):
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+def _find_fashion_mnist(root: str | None) -> str | None:
+    for folder in _fashion_mnist_folders(root):
+        if all(_idx_file(folder, n) for n in FASHION_MNIST_FILES):
+            return folder
+    return None
+
+
+def _read_idx(path: str, expect_dims: int) -> np.ndarray:
+    """An IDX file (the MNIST format: magic, dims, big-endian sizes, uint8 data), gzipped or not.
+    Its content must be the published one (md5), so that every source gives the same partition."""
+    import gzip
+    try:
+        with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+            data = f.read()
+    except (OSError, EOFError) as err:
+        raise DataError(f"Fashion-MNIST file {path} cannot be read ({_one_line(err)}); "
+                        f"get a fresh copy: {FASHION_MNIST_WAYS}") from None
+    want = FASHION_MNIST_FILES[os.path.basename(path).removesuffix(".gz")]
+    if hashlib.md5(data).hexdigest() != want:
+        raise DataError(f"Fashion-MNIST file {path} is not the published file (md5 of its content is not "
+                        f"{want}); get a fresh copy: {FASHION_MNIST_WAYS}")
+    magic = int.from_bytes(data[:4], "big") if len(data) >= 4 else -1
+    dims = magic & 0xFF
+    if magic >> 8 != 0x08 or dims != expect_dims or len(data) < 4 + 4 * dims:
+        raise DataError(f"Fashion-MNIST file {path} is not a uint8 IDX file with {expect_dims} dimension(s); "
+                        f"get a fresh copy: {FASHION_MNIST_WAYS}")
+    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims)]
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims)
+    if body.size != int(np.prod(shape)):
+        raise DataError(f"Fashion-MNIST file {path} holds {body.size} bytes of data, its header says "
+                        f"{int(np.prod(shape))}; the file is truncated, get a fresh copy: {FASHION_MNIST_WAYS}")
+    return body.reshape(shape)
+
+
+def _download_fashion_mnist() -> None:
+    """Through torchvision, into rsnl's cache (with its progress bars)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from torchvision.datasets import FashionMNIST
+
+    from rsnl.features import default_cache_dir
+    target = os.path.join(str(default_cache_dir()), "data")
+    mirror = urlsplit(FashionMNIST.mirrors[0])
+    port = mirror.port or (443 if mirror.scheme == "https" else 80)
+    try:  # torchvision would retry for minutes offline; one connect says so in milliseconds
+        socket.create_connection((mirror.hostname, port), timeout=5).close()
+    except OSError as err:
+        raise DataError(f"Fashion-MNIST not found and cannot be downloaded ({mirror.hostname}: "
+                        f"{_one_line(err)}); {FASHION_MNIST_WAYS}") from None
+    print(f"[rsnl] downloading Fashion-MNIST (30 MB) into {target}", flush=True)
+    try:
+        FashionMNIST(target, train=True, download=True)
+    except Exception as err:  # network errors come in many types; all mean the same to the user
+        raise DataError(f"downloading Fashion-MNIST into {target} failed ({_one_line(err)}); "
+                        f"{FASHION_MNIST_WAYS}") from None
+
+
+def fashion_mnist_arrays(root: str | None = None, download: bool = False) -> dict[str, np.ndarray]:
+    """The raw dataset: {'train_images' [60000, 28, 28], 'train_labels', 'test_images', 'test_labels'}."""
+    folder = _find_fashion_mnist(root)
+    if folder is None and download:
+        _download_fashion_mnist()
+        folder = _find_fashion_mnist(root)
+    if folder is None:
+        looked = ", ".join(_fashion_mnist_folders(root))
+        raise DataError(f"Fashion-MNIST not found (looked in {looked}); {FASHION_MNIST_WAYS}")
+    out = {}
+    for part, prefix in (("train", "train"), ("test", "t10k")):
+        images = _read_idx(_idx_file(folder, f"{prefix}-images-idx3-ubyte"), 3)
+        labels = _read_idx(_idx_file(folder, f"{prefix}-labels-idx1-ubyte"), 1).astype(np.int64)
+        if len(images) != len(labels) or labels.max(initial=0) >= len(FASHION_MNIST_CLASSES):
+            raise DataError(f"Fashion-MNIST in {folder}: {prefix} images and labels do not match "
+                            f"({len(images)} images, {len(labels)} labels); get a fresh copy: {FASHION_MNIST_WAYS}")
+        out[f"{part}_images"], out[f"{part}_labels"] = images, labels
+    return out
+
+
+def fashion_mnist_partition(train_labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Indices into the official training set: {'train', 'val', 'pretrain'}, disjoint, fixed forever.
+
+    Per class, a permutation seeded with FASHION_MNIST_SPLIT_SEED; its first 500 images form the few-shot
+    train pool, the next 500 the validation pool, the other 5,000 the pretraining corpus.
+    """
+    labels = np.asarray(train_labels, dtype=np.int64)
+    rng = np.random.default_rng(FASHION_MNIST_SPLIT_SEED)
+    parts = {"train": [], "val": [], "pretrain": []}
+    n_train, n_val = FASHION_MNIST_POOLS["train"], FASHION_MNIST_POOLS["val"]
+    for c in range(len(FASHION_MNIST_CLASSES)):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        parts["train"].append(idx[:n_train])
+        parts["val"].append(idx[n_train:n_train + n_val])
+        parts["pretrain"].append(idx[n_train + n_val:])
+    return {k: np.sort(np.concatenate(v)) for k, v in parts.items()}
+
+
+def load_fashion_mnist(root: str | None = None, download: bool = False) -> Dataset:
+    """Few-shot train pool, validation pool and the official test split (28x28 greyscale, in memory).
+
+    The pretraining corpus of the stand-in VLM (rsnl.pretrain) is the rest of the official training
+    set; no image of it appears here.
+    """
+    raw = fashion_mnist_arrays(root, download)
+    part = fashion_mnist_partition(raw["train_labels"])
+    sets = {}
+    for split in ("train", "val"):
+        idx = part[split]
+        sets[split] = ImageSet(f"fashion-mnist/{split}", FASHION_MNIST_CLASSES, raw["train_labels"][idx],
+                               list(raw["train_images"][idx]))
+    sets["test"] = ImageSet("fashion-mnist/test", FASHION_MNIST_CLASSES, raw["test_labels"],
+                            list(raw["test_images"]))
+    return Dataset("fashion-mnist", list(FASHION_MNIST_CLASSES), sets["train"], sets["val"], sets["test"])
+
+
+# --------------------------------------------------------------------------------------------------
 # imagefolder: <root>/{train,val,test}/<class>/*.jpg
 
 
@@ -456,6 +612,7 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
     **{name: partial(_load_coop_entry, name) for name in COOP_DATASETS},
     "dtd": load_dtd,  # CoOp layout, or torchvision's layout / download
     "digits": load_digits_dataset,
+    "fashion-mnist": load_fashion_mnist,
     "imagefolder": load_imagefolder,
 }
 

@@ -9,13 +9,10 @@ leave a half-written entry that someone reads.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +22,7 @@ import torch.nn.functional as F
 from torchvision import transforms as T
 
 from rsnl.data import DataError, Dataset, ImageSet
+from rsnl.files import atomic_write, locked
 
 FORMAT = 1  # bump when the stored content changes meaning
 
@@ -46,6 +44,7 @@ class FeatureBank:
     train_labels: np.ndarray
     val_labels: np.ndarray
     test_labels: np.ndarray
+    zeroshot_text: torch.Tensor | None = None  # [C, D] the plain prompt's text features (rsnl.zeroshot)
 
     @property
     def dim(self) -> int:
@@ -56,8 +55,9 @@ class FeatureBank:
         return sum(t.numel() * t.element_size() for t in ts)
 
 
-def train_transform(preprocess) -> T.Compose:
-    """CoOp's training augmentation (random resized crop + flip) at the model's input size and stats."""
+def train_transform(preprocess, scale: float = 0.08) -> T.Compose:
+    """CoOp's training augmentation (random resized crop of at least `scale` of the area, + flip) at the
+    model's input size and stats."""
     size, norm, interp = 224, None, T.InterpolationMode.BICUBIC
     for t in getattr(preprocess, "transforms", []):
         if isinstance(t, (T.CenterCrop,)):
@@ -70,7 +70,7 @@ def train_transform(preprocess) -> T.Compose:
     if norm is None:
         raise ValueError("the model's preprocess has no Normalize step; cannot build the training transform")
     return T.Compose([
-        T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=interp),
+        T.RandomResizedCrop(size, scale=(scale, 1.0), interpolation=interp),
         T.RandomHorizontalFlip(),
         T.ToTensor(),
         T.Normalize(norm.mean, norm.std),
@@ -146,26 +146,7 @@ def _read_entry(path: Path) -> torch.Tensor | None:
 
 
 def _write_entry(path: Path, feats: torch.Tensor, meta: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"features": feats, "sha256": _checksum(feats), "meta": meta}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-
-
-@contextlib.contextmanager
-def _locked(path: Path):
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    atomic_write(path, lambda f: torch.save({"features": feats, "sha256": _checksum(feats), "meta": meta}, f))
 
 
 def cached_features(model, identity: str, images: ImageSet, transform, view: int, cache_dir,
@@ -176,7 +157,7 @@ def cached_features(model, identity: str, images: ImageSet, transform, view: int
     path.parent.mkdir(parents=True, exist_ok=True)
     feats = _read_entry(path)
     if feats is None:
-        with _locked(path):
+        with locked(path):
             feats = _read_entry(path)  # another process may have finished it while we waited
             if feats is None:
                 desc = f"{images.name} view {view}"
@@ -193,13 +174,16 @@ def cached_features(model, identity: str, images: ImageSet, transform, view: int
 
 def build_feature_bank(dataset: Dataset, model, preprocess, identity: str, aug_views: int = 0,
                        cache_dir=None, device="cpu", precision: str = "fp32", batch_size: int = 64,
-                       num_workers: int = 0, stats: dict | None = None) -> FeatureBank:
-    """Test-view features of train/val/test and `aug_views` augmented views of train."""
+                       num_workers: int = 0, stats: dict | None = None, tokenizer=None,
+                       aug_scale: float = 0.08) -> FeatureBank:
+    """Test-view features of train/val/test and `aug_views` augmented views of train; with a
+    tokenizer also the zero-shot prompt's text features (a few prompts: not worth a cache entry)."""
+    from rsnl.zeroshot import zeroshot_text
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     kw = dict(device=device, batch_size=batch_size, num_workers=num_workers, stats=stats)
     model = model.to(device)
     get = lambda images, tf, view: cached_features(model, identity, images, tf, view, cache_dir, precision, **kw)
-    aug = train_transform(preprocess)
+    aug = train_transform(preprocess, aug_scale)
     views = [get(dataset.train, aug, v) for v in range(1, aug_views + 1)]
     return FeatureBank(
         identity=identity, dataset=dataset.name, classnames=list(dataset.classnames),
@@ -209,4 +193,5 @@ def build_feature_bank(dataset: Dataset, model, preprocess, identity: str, aug_v
         test=get(dataset.test, preprocess, 0),
         train_labels=np.asarray(dataset.train.labels), val_labels=np.asarray(dataset.val.labels),
         test_labels=np.asarray(dataset.test.labels),
+        zeroshot_text=None if tokenizer is None else zeroshot_text(model, tokenizer, dataset.classnames, device),
     )

@@ -21,6 +21,9 @@ import torch.nn.functional as F
 
 import open_clip
 
+from rsnl.pretrain import TAGS as STANDIN_TAGS
+from rsnl.pretrain import ensure_standin, is_standin, standin_tags
+
 TINY = "rsnl-tiny"
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
@@ -52,14 +55,20 @@ def check_backbone(name: str, pretrained: str | None) -> None:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ModelError(f"backbone: {name!r} is not an open_clip model{hint}; "
                          f"see open_clip.list_models(), e.g. RN50, ViT-B-32, {TINY}")
-    if pretrained is None or _looks_like_path(pretrained):
-        if pretrained is not None and not Path(pretrained).is_file():
+    if pretrained is None or is_standin(name, pretrained):
+        return
+    if _looks_like_path(pretrained):
+        if not Path(pretrained).is_file():
             raise ModelError(f"pretrained: checkpoint file {pretrained} does not exist")
         return
     tags = open_clip.list_pretrained_tags_by_model(name)
+    own = [f"{t} (rsnl's stand-in VLM, built on first use)" for t in standin_tags(name)]
     if pretrained not in tags:
-        allowed = f"{', '.join(tags)}, a checkpoint path, or none" if tags else "a checkpoint path or none"
+        allowed = ", ".join(tags + own + ["a checkpoint path", "none"])
         published = "" if tags else f" ({name} has no published weights)"
+        elsewhere = [b for t, (backbones, _) in STANDIN_TAGS.items() if t == pretrained for b in backbones]
+        if elsewhere:
+            published = f" (rsnl's stand-in {pretrained!r} exists for {', '.join(elsewhere)})"
         raise ModelError(f"pretrained: {pretrained!r} is not a tag of {name}{published}; allowed: {allowed}")
 
 
@@ -78,18 +87,23 @@ class LoadedClip:
 def load_clip(name: str, pretrained: str | None = None, device: str | torch.device = "cpu"):
     """Build an open_clip model -> (model, preprocess, tokenizer), frozen and in eval mode.
 
-    pretrained: an open_clip tag (e.g. 'openai'), a local checkpoint file, or None for random init
-    (seeded with INIT_SEED, so the same weights in every process).
+    pretrained: an open_clip tag (e.g. 'openai'), rsnl's stand-in tag ('fashion-mnist' for rsnl-tiny,
+    built on first use by rsnl.pretrain), a local checkpoint file, or None for random init (seeded with
+    INIT_SEED, so the same weights in every process).
     """
     loaded = load_clip_full(name, pretrained, device)
     return loaded.model, loaded.preprocess, loaded.tokenizer
 
 
-def load_clip_full(name: str, pretrained: str | None = None, device="cpu") -> LoadedClip:
+def load_clip_full(name: str, pretrained: str | None = None, device="cpu", cache_dir=None) -> LoadedClip:
+    """As load_clip, with the weights' identity; `cache_dir` holds rsnl's stand-in (default $RSNL_CACHE)."""
     check_backbone(name, pretrained)
     kwargs = {}
     if pretrained is None:
         path, identity = None, f"{name}|random-init-{INIT_SEED}"
+    elif is_standin(name, pretrained):  # built once, then loaded like any checkpoint file
+        path = str(ensure_standin(name, pretrained, cache_dir))
+        identity = f"{name}|{pretrained}|file-sha256:{_file_digest(path)}"
     elif _looks_like_path(pretrained):
         path, identity = pretrained, f"{name}|file-sha256:{_file_digest(pretrained)}"
     else:
@@ -98,7 +112,7 @@ def load_clip_full(name: str, pretrained: str | None = None, device="cpu") -> Lo
         kwargs["force_quick_gelu"] = bool(cfg.get("quick_gelu", False))
         kwargs["force_preprocess_cfg"] = {k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode")
                                           if k in cfg}
-    with torch.random.fork_rng(devices=[]), _quiet_random_init():
+    with torch.random.fork_rng(devices=[]), quiet_random_init():
         torch.manual_seed(INIT_SEED)
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(
@@ -116,7 +130,7 @@ def load_clip_full(name: str, pretrained: str | None = None, device="cpu") -> Lo
     return LoadedClip(model, preprocess, open_clip.get_tokenizer(name), identity)
 
 
-class _quiet_random_init(logging.Filter):
+class quiet_random_init(logging.Filter):
     """open_clip warns on the root logger for every random-init model; here random init is asked for."""
 
     def filter(self, record):

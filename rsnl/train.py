@@ -14,7 +14,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +25,12 @@ import torch.nn.functional as F
 from rsnl.config import ConfigError, TrialConfig, load_yaml, parse_overrides
 from rsnl.data import DataError, check_shots, load_dataset
 from rsnl.features import FeatureBank, build_feature_bank
+from rsnl.files import atomic_write
 from rsnl.models import LoadedClip, ModelError, PromptMatrix, check_backbone, load_clip_full
 from rsnl.noise import NoisySample, sample_noisy_fewshot
 from rsnl.similarity import (alpha_schedule, feature_similarity, prompt_similarity, robust_similarity,
                              select_clean, selection_metrics)
+from rsnl.zeroshot import zeroshot_accuracy
 
 USER_ERRORS = (ConfigError, DataError, ModelError)
 RUNTIME_KEYS = ("device", "precision", "cache_dir", "num_workers", "feature_batch_size", "data_root", "download")
@@ -65,15 +66,24 @@ def preflight(cfg: TrialConfig):
     return dataset
 
 
+def prepare_weights(cfg: TrialConfig) -> None:
+    """Build rsnl's stand-in VLM now if the trial uses it and it is not cached yet (progress shown here,
+    not later inside a worker)."""
+    from rsnl.pretrain import ensure_standin, is_standin
+    if is_standin(cfg.backbone, cfg.pretrained):
+        ensure_standin(cfg.backbone, cfg.pretrained, cfg.cache_dir)
+
+
 def load_inputs(cfg: TrialConfig, stats: dict | None = None) -> tuple[LoadedClip, FeatureBank]:
     """The model and the study-shareable image features of the trial's backbone and dataset."""
     dataset = preflight(cfg)
     device = resolve_device(cfg.device)
-    clip = load_clip_full(cfg.backbone, cfg.pretrained, device)
+    clip = load_clip_full(cfg.backbone, cfg.pretrained, device, cfg.cache_dir)
     bank = build_feature_bank(dataset, clip.model, clip.preprocess, clip.identity, aug_views=cfg.aug_views,
                               cache_dir=cfg.cache_dir, device=device,
                               precision=_feature_precision(cfg, device), batch_size=cfg.feature_batch_size,
-                              num_workers=cfg.num_workers, stats=stats)
+                              num_workers=cfg.num_workers, stats=stats, tokenizer=clip.tokenizer,
+                              aug_scale=cfg.aug_scale)
     return clip, bank
 
 
@@ -92,6 +102,7 @@ class TrialData:
     val_sample: NoisySample
     test: torch.Tensor
     test_labels: np.ndarray
+    zeroshot_text: torch.Tensor | None = None  # [C, D] the plain prompt's text features
 
 
 def trial_data(cfg: TrialConfig, bank: FeatureBank) -> TrialData:
@@ -105,7 +116,8 @@ def trial_data(cfg: TrialConfig, bank: FeatureBank) -> TrialData:
     if views is not None and views.shape[0] < cfg.aug_views:
         raise ValueError(f"feature bank has {views.shape[0]} augmented views, the trial asks for {cfg.aug_views}")
     return TrialData(train=bank.train[idx], train_views=views, sample=s, val=bank.val[torch.as_tensor(v.indices)],
-                     val_sample=v, test=bank.test, test_labels=np.asarray(bank.test_labels))
+                     val_sample=v, test=bank.test, test_labels=np.asarray(bank.test_labels),
+                     zeroshot_text=bank.zeroshot_text)
 
 
 # --- losses -----------------------------------------------------------------------------------
@@ -146,6 +158,9 @@ class Trainer:
         self.val_f, self.test_f = to(data.val), to(data.test)
         self.labels = torch.as_tensor(data.sample.labels, device=self.device)
         self.feature_sim = feature_similarity(self.train_f, data.sample.labels)  # fixed: frozen features
+        # the zero-shot baseline on the same test split: constant, reported every epoch beside test_acc
+        self.zeroshot_acc = (float("nan") if data.zeroshot_text is None
+                             else zeroshot_accuracy(data.test, data.zeroshot_text, data.test_labels))
 
     def _lr_factor(self, epoch: int) -> float:
         """Constant warm-up lr, then cosine over all epochs (CoOp's schedule), stepped per epoch."""
@@ -217,6 +232,7 @@ class Trainer:
             "train_acc": 100.0 * correct / max(seen, 1),
             "val_acc": self.accuracy(self.val_f, self.data.val_sample.labels),
             "test_acc": self.accuracy(self.test_f, self.data.test_labels),
+            "zeroshot_acc": self.zeroshot_acc,
             "alpha": alpha,
             **selection_metrics(keep, self.data.sample.is_noisy, g),
             "epoch_seconds": time.perf_counter() - start,
@@ -276,12 +292,7 @@ def check_same_config(state: dict, cfg: TrialConfig) -> None:
 
 def save_checkpoint(state: dict, path) -> None:
     """Atomic: a kill mid-write leaves the previous checkpoint intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        torch.save(state, f)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path) -> dict:
@@ -364,6 +375,8 @@ def main(argv=None) -> int:
     print(f"# {cfg.dataset} {cfg.backbone}/{cfg.pretrained or 'random-init'}: {len(s)} samples, "
           f"{int(s.is_noisy.sum())} noisy ({cfg.noise_type} {cfg.noise_rate}), blocks {cfg.blocks}, "
           f"selector {cfg.selector}, loss {cfg.loss}, device {trainer.device}", flush=True)
+    if math.isfinite(trainer.zeroshot_acc):
+        print(f"# zero-shot ('a photo of a {{class}}.', no training): test_acc {trainer.zeroshot_acc:.2f}", flush=True)
     print(format_header(), flush=True)
     for m in trainer.history:
         print(format_row(m), flush=True)
@@ -373,9 +386,7 @@ def main(argv=None) -> int:
         if out is not None:
             tr.save(out / "checkpoint.pt")
             # rewritten from the checkpoint's history: a kill between the two writes loses no line
-            tmp = out / "metrics.jsonl.tmp"
-            tmp.write_text("".join(json.dumps(json_safe(h)) + "\n" for h in tr.history))
-            os.replace(tmp, out / "metrics.jsonl")
+            atomic_write(out / "metrics.jsonl", "".join(json.dumps(json_safe(h)) + "\n" for h in tr.history))
 
     try:
         trainer.run(on_epoch)

@@ -1,4 +1,4 @@
-"""Shared pytest fixtures. Tests are offline and CPU-only (DESIGN.md section 6).
+"""Shared pytest fixtures. Tests are offline and CPU-only.
 
 Data fixtures (generators in tests/helpers.py; each returns a fresh data_root under tmp_path):
   coop_dtd_root          <root>/dtd/images/... + dtd/split_zhou_DescribableTextures.json
@@ -10,13 +10,15 @@ Append other fixtures below, each self-contained.
 
 import contextlib
 import os
+from pathlib import Path
 
 import pytest
 
 from helpers import make_coop_tree, make_imagefolder_tree, make_torchvision_dtd_tree
 
-# No test may reach a model hub (DESIGN.md section 6).
+# No test may reach a model hub: pretrained weights come from files the tests make.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+CONFIGS = Path(__file__).resolve().parents[1] / "rsnl" / "configs"
 
 
 # ---- data (rsnl/data.py) -------------------------------------------------------------------------
@@ -71,7 +73,8 @@ def digits_inputs(tmp_path_factory, tiny_clip):
                       device="cpu", cache_dir=str(cache))
     with one_torch_thread():
         bank = build_feature_bank(load_dataset("digits"), tiny_clip.model, tiny_clip.preprocess,
-                                  tiny_clip.identity, aug_views=cfg.aug_views, cache_dir=cache)
+                                  tiny_clip.identity, aug_views=cfg.aug_views, cache_dir=cache,
+                                  tokenizer=tiny_clip.tokenizer)
     return cfg, tiny_clip, bank
 
 
@@ -146,3 +149,43 @@ def optuna_experiment(ray_session, tmp_path_factory, study_cache):
     storage = tmp_path_factory.mktemp("optuna_storage")
     _, path, _ = run(optuna_study(storage, study_cache))
     return path
+
+
+# ---- the test-bed: Fashion-MNIST and rsnl's stand-in VLM (rsnl/pretrain.py) ------------------------
+
+
+def fashion_mnist_missing() -> str | None:
+    """Why the test-bed cannot run here, or None."""
+    from rsnl.data import _find_fashion_mnist
+
+    if _find_fashion_mnist(None) is None:
+        return "Fashion-MNIST not found: apt-get install dataset-fashion-mnist (.ci/run installs it)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def standin_cache(tmp_path_factory):
+    """A cache folder holding the real stand-in (built here once per session, about a minute) and the
+    test-bed's image features; skips when Fashion-MNIST is absent."""
+    reason = fashion_mnist_missing()
+    if reason:
+        pytest.skip(reason)
+    from rsnl.pretrain import ensure_standin
+
+    cache = tmp_path_factory.mktemp("standin_cache")
+    ensure_standin("rsnl-tiny", "fashion-mnist", cache, log=lambda *_: None)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def testbed_inputs(standin_cache):
+    """(base TrialConfig, LoadedClip, FeatureBank) of the test-bed's dataset config (rsnl/configs/
+    fashion-mnist.yaml) with the session's stand-in. Derive trial configs with cfg.replace(...)."""
+    from rsnl.config import TrialConfig, load_yaml
+    from rsnl.train import load_inputs
+
+    values = {**load_yaml(CONFIGS / "fashion-mnist.yaml"), "cache_dir": str(standin_cache), "device": "cpu",
+              "download": False}
+    cfg = TrialConfig.from_dict(values)
+    clip, bank = load_inputs(cfg)
+    return cfg, clip, bank

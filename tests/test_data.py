@@ -301,7 +301,7 @@ def test_unknown_dataset_suggests_close_name():
 
 def test_registry_lists_coop_datasets():
     assert list_datasets() == sorted(
-        ["caltech101", "digits", "dtd", "eurosat", "food101", "imagefolder", "oxford_flowers",
+        ["caltech101", "digits", "dtd", "eurosat", "fashion-mnist", "food101", "imagefolder", "oxford_flowers",
          "oxford_pets", "stanford_cars", "sun397", "ucf101"]
     )
 

@@ -1,0 +1,63 @@
+"""Writes that survive a kill: one atomic write for every file rsnl owns, and a lock that dies with
+its holder.
+
+A file is written to a temporary name in its own folder, flushed to disk, then renamed over the old
+one, so a reader (or a resumed run) sees the old content or the new, never half of it, and no
+temporary file is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+
+def atomic_write(path, content: bytes | str | Callable[[io.BufferedWriter], None]) -> Path:
+    """Replace `path` with `content` (bytes, text, or a function that writes to a binary file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make shared caches unreadable to others
+        with os.fdopen(fd, "wb") as f:
+            if callable(content):
+                content(f)
+            else:
+                f.write(content.encode() if isinstance(content, str) else content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        with contextlib.suppress(OSError):  # the rename itself reaches the disk with the folder
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def locked(path):
+    """Exclusive lock on `<path>.lock` (flock: released by the kernel when the holder dies)."""
+    lock_path = Path(str(path) + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

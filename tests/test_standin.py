@@ -1,0 +1,105 @@
+"""rsnl.pretrain: the stand-in VLM's recipe, its exact shortcuts, determinism, and how its tag loads.
+
+The full stand-in (1,000 steps) is built once per test session by the `standin` fixture (conftest.py)
+and checked in test_method.py; here short recipes run the same code.
+"""
+
+import dataclasses
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rsnl import pretrain
+from rsnl.data import FASHION_MNIST_CLASSES, _find_fashion_mnist
+from rsnl.models import ModelError, check_backbone, load_clip, load_clip_full
+
+needs_data = pytest.mark.skipif(
+    _find_fashion_mnist(None) is None,
+    reason="Fashion-MNIST not found: apt-get install dataset-fashion-mnist (.ci/run installs it)")
+SHORT = dataclasses.replace(pretrain.Recipe(), steps=3, batch_size=32)
+
+
+def word_pieces(tokenizer, text: str) -> set[str]:
+    """The tokenizer's pieces of `text` with 3+ letters (punctuation and 't' carry no class meaning)."""
+    from open_clip.tokenizer import SimpleTokenizer
+    st = SimpleTokenizer()
+    return {p for p in (st.decoder[i].replace("</w>", "") for i in st.encode(text)) if len(p) >= 3}
+
+
+def test_unknown_class_names_never_occur_in_a_caption(tiny_clip):
+    """The recipe's premise: outside `known_names`, a class's own name shares no word piece with any
+    caption, and no class's words use another class's name."""
+    recipe = pretrain.Recipe()
+    tokens, n_words, width = pretrain.caption_table(FASHION_MNIST_CLASSES, recipe, tiny_clip.tokenizer)
+    assert tokens.shape[0] == len(FASHION_MNIST_CLASSES) * width * len(pretrain.TEMPLATES)
+    assert n_words.tolist() == [5 if c in recipe.known_names else 4 for c in FASHION_MNIST_CLASSES]
+    for c in FASHION_MNIST_CLASSES:
+        own = word_pieces(tiny_clip.tokenizer, c)
+        words = set().union(*(word_pieces(tiny_clip.tokenizer, w) for w in pretrain.SYNONYMS[c]))
+        if c not in recipe.known_names:
+            assert not own & words, (c, own & words)
+        for other in FASHION_MNIST_CLASSES:
+            if other != c:
+                assert not word_pieces(tiny_clip.tokenizer, other) & words, (c, other)
+
+
+def test_cut_caption_encoding_equals_open_clip(tiny_clip):
+    texts = ["vintage sneaker.", "a handbag in black and white.", "cheap chelsea, free shipping."]
+    full = tiny_clip.tokenizer(texts)
+    cut = full[:, : int(full.argmax(-1).max()) + 1]
+    with torch.no_grad():
+        ref = tiny_clip.model.encode_text(full, normalize=True)
+        ours = pretrain.encode_tokens(tiny_clip.model, cut)
+    assert cut.shape[1] < 20 and torch.allclose(ours, ref, atol=1e-6)
+
+
+def test_pretraining_pixels_equal_the_models_preprocess(tiny_clip):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(5, 28, 28), dtype=np.uint8)
+    batch = pretrain._normaliser(tiny_clip.preprocess)(pretrain._pixels(images, tiny_clip.preprocess))
+    ref = torch.stack([tiny_clip.preprocess(Image.fromarray(x).convert("RGB")) for x in images])
+    assert batch.shape == ref.shape and torch.allclose(batch, ref, atol=1e-6)
+
+
+@needs_data
+def test_same_recipe_gives_the_same_file_bytes(tmp_path):
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    pretrain.pretrain("rsnl-tiny", SHORT, a, progress=False)
+    pretrain.pretrain("rsnl-tiny", SHORT, b, progress=False)
+    assert a.read_bytes() == b.read_bytes()
+    pretrain.pretrain("rsnl-tiny", dataclasses.replace(SHORT, seed=SHORT.seed + 1), b, progress=False)
+    assert a.read_bytes() != b.read_bytes()
+    # it loads through the same path as a user's checkpoint file, and is no longer the random init
+    trained = load_clip_full("rsnl-tiny", str(a)).model.state_dict()
+    random = load_clip_full("rsnl-tiny", None).model.state_dict()
+    assert any(not torch.equal(trained[k], random[k]) for k in trained)
+
+
+def test_recipe_digest_names_the_file():
+    r = pretrain.Recipe()
+    assert r.digest("rsnl-tiny") == pretrain.Recipe().digest("rsnl-tiny")
+    assert r.digest("rsnl-tiny") != dataclasses.replace(r, steps=r.steps + 1).digest("rsnl-tiny")
+    path = pretrain.standin_path("rsnl-tiny", "fashion-mnist", "/c")
+    assert str(path) == f"/c/standin/rsnl-tiny-fashion-mnist-{r.digest('rsnl-tiny')}.safetensors"
+
+
+def test_tag_belongs_to_rsnl_tiny_only():
+    check_backbone("rsnl-tiny", "fashion-mnist")  # cheap: nothing is built by a check
+    with pytest.raises(ModelError) as e:
+        load_clip("RN50", "fashion-mnist")
+    msg = str(e.value)
+    assert "\n" not in msg and "'fashion-mnist' is not a tag of RN50" in msg and "exists for rsnl-tiny" in msg
+    with pytest.raises(ModelError) as e:
+        load_clip("rsnl-tiny", "fashion-mnsit")
+    assert "fashion-mnist (rsnl's stand-in VLM" in str(e.value)
+
+
+def test_cli_refuses_a_changed_recipe_without_out():
+    p = subprocess.run([sys.executable, "-m", "rsnl.pretrain", "--steps", "5"], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1
+    assert "rsnl: error: --steps/--seed change the recipe: give --out" in p.stderr
