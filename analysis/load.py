@@ -19,7 +19,7 @@ import pandas as pd
 import yaml
 
 STUDY_FILE = "rsnl_study.yaml"  # written by tune/run.py (not imported: it pulls in Ray)
-METRICS = ("lr", "train_loss", "train_acc", "val_acc", "test_acc", "alpha", "kept_frac", "select_precision",
+METRICS = ("lr", "train_loss", "train_acc", "val_acc", "test_acc", "zeroshot_acc", "alpha", "kept_frac", "select_precision",
            "select_recall", "noise_auroc", "epoch_seconds")
 # The epoch's learning rate would overwrite the config's base `lr` (a searchable key).
 METRIC_COLUMNS = {k: ("epoch_lr" if k == "lr" else k) for k in METRICS}

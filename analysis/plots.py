@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from analysis.load import last_epoch
-from analysis.tables import method_order, noise_label
+from analysis.tables import ZEROSHOT, method_order, noise_label, zeroshot_stats
 
 # (metric, panel title, y label, range the +-std band is clipped to)
 CURVES = (("test_acc", "test accuracy", "accuracy (%)", (0, 100)),
@@ -62,6 +62,10 @@ def accuracy_vs_noise(df: pd.DataFrame, metric: str = "test_acc") -> Figure:
         ax.errorbar(x, g["mean"], yerr=g["std"].fillna(0), color=col[m], marker="o", capsize=4, lw=1.8,
                     label=f"{m} (n={int(g['size'].min())}" + (f"-{int(g['size'].max())})" if g["size"].nunique() > 1
                                                                else ")"))
+    zs = zeroshot_stats(df) if metric == "test_acc" else None
+    if zs is not None and len(zs):
+        ax.plot(zs["noise_rate"] * 100, zs["mean"], color="0.35", ls="--", lw=1.5, marker="x",
+                label=f"{ZEROSHOT} (no training)")
     ax.set_xticks([r * 100 for r in rates], [noise_label(r) for r in rates])
     if rates:
         ax.set_xlim(min(rates) * 100 - span * 0.08, max(rates) * 100 + span * 0.08)
@@ -100,6 +104,8 @@ def curves(df: pd.DataFrame, noise_rate: float) -> Figure:
                 lo = (g["mean"] - g["std"].fillna(0)).clip(lo_clip, hi_clip)
                 hi = (g["mean"] + g["std"].fillna(0)).clip(lo_clip, hi_clip)
                 ax.fill_between(g.index, lo, hi, color=col[m], alpha=0.18, lw=0)
+        if key == "test_acc" and "zeroshot_acc" in d and d["zeroshot_acc"].notna().any():
+            ax.axhline(d["zeroshot_acc"].mean(), color="0.35", ls="--", lw=1.2, label=ZEROSHOT)
         ax.set_title(title, fontsize=11)
         ax.set_xlabel("epoch (0-indexed)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -109,7 +115,7 @@ def curves(df: pd.DataFrame, noise_rate: float) -> Figure:
             ax.text(0.5, 0.5, "not reported", ha="center", va="center", transform=ax.transAxes)
     n = d.groupby("method")["run"].nunique()
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    labels = [f"{m} (n={n.get(m, 0)})" for m in labels]
+    labels = [m if m == ZEROSHOT else f"{m} (n={n.get(m, 0)})" for m in labels]
     if handles:
         fig.legend(handles, labels, loc="lower center", ncol=min(len(handles), 6), title="method (n = runs)",
                    fontsize=10, bbox_to_anchor=(0.5, -0.01))

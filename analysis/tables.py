@@ -17,6 +17,7 @@ import pandas as pd
 from analysis.load import last_epoch
 
 BASELINE = "coop"
+ZEROSHOT = "zero-shot"  # the row of the plain prompt "a photo of a {class}." (no training)
 DASH = "–"
 
 
@@ -140,8 +141,18 @@ def _left_out(df: pd.DataFrame) -> str:
     return f" {len(missing)} run(s) not at their last epoch are left out ({parts})."
 
 
+def zeroshot_stats(df: pd.DataFrame) -> pd.DataFrame:
+    """mean, std, n of zeroshot_acc per noise rate over the complete runs (the same test split and model
+    for every run, so std is 0 unless the study varies the backbone)."""
+    if "zeroshot_acc" not in df:
+        return pd.DataFrame(columns=["noise_rate", "mean", "std", "n"])
+    stats = cell_stats(df.assign(method=ZEROSHOT), "zeroshot_acc")
+    return stats.drop(columns="method")
+
+
 def ablation_table(df: pd.DataFrame, metric: str = "test_acc", baseline: str = BASELINE, digits: int = 2) -> Table:
-    """Rows: methods; columns: noise rates, their mean, and the difference of that mean to CoOp."""
+    """Rows: zero-shot (for test accuracy), then the methods; columns: noise rates, their mean, and the
+    difference of that mean to CoOp."""
     stats = cell_stats(df, metric)
     rows = [m for m in method_order(df) if m in set(stats["method"])]
     rates = sorted(stats["noise_rate"].unique())
@@ -149,6 +160,12 @@ def ablation_table(df: pd.DataFrame, metric: str = "test_acc", baseline: str = B
     cells: dict[tuple[str, str], Cell] = {}
     for s in stats.itertuples():
         cells[(s.method, noise_label(s.noise_rate))] = Cell(s.mean, s.std if s.n > 1 else math.nan, int(s.n))
+    zs = zeroshot_stats(df) if metric == "test_acc" and rows else pd.DataFrame()
+    if len(zs):
+        rows.insert(0, ZEROSHOT)
+        for s in zs.itertuples():
+            # constant over seeds and noise: a std of 0 would only clutter the row
+            cells[(ZEROSHOT, noise_label(s.noise_rate))] = Cell(s.mean, s.std if s.std > 1e-9 else math.nan, int(s.n))
     for col in columns[:-1]:  # bold the best mean of each noise rate
         best = max((cells[(r, col)].mean for r in rows if (r, col) in cells), default=None)
         for r in rows:
@@ -173,6 +190,9 @@ def ablation_table(df: pd.DataFrame, metric: str = "test_acc", baseline: str = B
         caption += f" Δ: the mean minus that of the CoOp baseline ({baseline})."
     else:
         caption += f" No CoOp baseline (a variant named '{baseline}') in this study, so no Δ column."
+    if ZEROSHOT in rows:
+        caption += (f" {ZEROSHOT}: the frozen model with the plain prompt 'a photo of a {{class}}.', no training "
+                    "(the same for every seed and noise rate).")
     if incomplete:
         caption += f" No mean for {', '.join(incomplete)}: not every noise rate has a result."
     study = df.attrs.get("study")

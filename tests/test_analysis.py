@@ -168,11 +168,16 @@ def test_ablation_table_cells_match_hand_computed_mean_and_std(grid_experiment):
     from analysis import ablation_table, load_experiment
 
     by_cell: dict[tuple, list[float]] = {}
+    zeroshot: dict[float, list[float]] = {}
     for params, lines in raw_trials(grid_experiment):
         assert lines[-1]["epoch"] == 2
         by_cell.setdefault((params["variant"]["name"], params["noise_rate"]), []).append(lines[-1]["test_acc"])
+        zeroshot.setdefault(params["noise_rate"], []).append(lines[-1]["zeroshot_acc"])
     table = ablation_table(load_experiment(grid_experiment))
-    assert table.rows == ["coop", "rsnl-m2"] and table.columns == ["25%", "50%", "mean", "Δ vs coop"]
+    assert table.rows == ["zero-shot", "coop", "rsnl-m2"] and table.columns == ["25%", "50%", "mean", "Δ vs coop"]
+    for rate, vals in zeroshot.items():  # the same test split and model in every run: one value, no std
+        assert len(set(vals)) == 1 and table.cells[("zero-shot", f"{rate * 100:g}%")].mean == vals[0]
+        assert not math.isfinite(table.cells[("zero-shot", f"{rate * 100:g}%")].std)
     md = table.markdown()
     for (method, rate), vals in by_cell.items():
         mean, std = statistics.mean(vals), statistics.stdev(vals)
@@ -180,8 +185,8 @@ def test_ablation_table_cells_match_hand_computed_mean_and_std(grid_experiment):
         assert cell.mean == pytest.approx(mean, abs=1e-12) and cell.std == pytest.approx(std, abs=1e-12)
         assert cell.n == 2
         assert f"{mean:.2f}** ± {std:.2f}" in md or f"{mean:.2f} ± {std:.2f}" in md
-    row_mean = {m: statistics.mean([statistics.mean(by_cell[(m, r)]) for r in (0.25, 0.5)]) for m in table.rows}
-    for m in table.rows:
+    row_mean = {m: statistics.mean([statistics.mean(by_cell[(m, r)]) for r in (0.25, 0.5)]) for m in ("coop", "rsnl-m2")}
+    for m in row_mean:
         assert table.cells[(m, "mean")].mean == pytest.approx(row_mean[m])
         assert table.cells[(m, "Δ vs coop")].mean == pytest.approx(row_mean[m] - row_mean["coop"])
     latex = table.latex("tab:ablation")
