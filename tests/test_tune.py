@@ -76,14 +76,26 @@ def test_bad_study_configs_name_the_key(tmp_path, change, message):
 def test_presets_parse_and_describe_themselves():
     from tune.study import list_presets, load_study
     presets = list_presets()
-    assert {"quickstart", "dtd-ablation", "dtd-search"} <= set(presets)
+    assert {"quickstart", "dtd-ablation", "dtd-search", "fmnist-ablation", "fmnist-search"} <= set(presets)
     ablation = load_study(preset="dtd-ablation")
     assert ablation.num_trials() == 6 * 4 * 3
     assert {v["name"] for v in ablation.variants} >= {"coop", "gce", "rsnl-m6"}
     search = load_study(preset="dtd-search")
     assert search.kind == "optuna" and len(search.group_members) == 9 and search.metric == "val_acc"
-    quick = load_study(preset="quickstart", overrides=["epochs=3", "search.num_samples=2"])
-    assert quick.trial["epochs"] == 3 and quick.num_samples == 2
+    # the test-bed's presets mirror DTD's: the same methods, noise rates, seeds and search space
+    fm = load_study(preset="fmnist-ablation")
+    assert fm.num_trials() * len(fm.group_members) == 6 * 4 * 3 and fm.variants == ablation.variants
+    assert sorted(fm.group["noise_rate"]) == sorted(ablation.params["noise_rate"]["grid"])
+    assert fm.group["seed"] == ablation.params["seed"]["grid"]
+    fs = load_study(preset="fmnist-search")
+    assert (fs.params, fs.group, fs.metric, fs.num_samples) == (search.params, search.group, search.metric,
+                                                                 search.num_samples)
+    for study in (fm, fs):
+        assert (study.trial["dataset"], study.trial["backbone"], study.trial["pretrained"]) == (
+            "fashion-mnist", "rsnl-tiny", "fashion-mnist")
+    quick = load_study(preset="quickstart", overrides=["epochs=3"])
+    assert quick.trial["epochs"] == 3 and quick.trial["pretrained"] == "fashion-mnist"
+    assert [v["name"] for v in quick.variants] == ["coop", "rsnl-m4"]
 
 
 LAUNCH_BAD_INPUTS = [
@@ -93,7 +105,7 @@ LAUNCH_BAD_INPUTS = [
     (["--preset", "quickstart", "--set", "blocks=0"], "blocks: 0 is out of range"),
     (["--preset", "quickstart", "--set", "backbone=RN5O"], "did you mean 'RN50'?"),
     (["--preset", "quickstart", "--set", "pretrained=laion9b"], "pretrained: 'laion9b' is not a tag"),
-    (["--preset", "quickstart", "--num-samples", "0"], "--num-samples: 0 is out of range"),
+    (["--preset", "fmnist-search", "--num-samples", "0"], "--num-samples: 0 is out of range"),
     (["--preset", "dtd-ablation", "--num-samples", "3"], "a grid study runs each grid point once"),
     (["--preset", "dtd-ablation", "--set", "data_root=NOWHERE"], "NOWHERE"),
     (["--preset", "quickstart", "--resume", "--name", "never-ran"], "no study to resume"),

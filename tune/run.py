@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from rsnl.config import ConfigError, load_yaml
-from rsnl.train import preflight
+from rsnl.train import preflight, prepare_weights
 from tune.resources import check_cluster_gpus, check_local_gpus, init_ray
 from tune.study import StudyConfig, parse_study
 from tune.trainable import bank_key, compute_bank, train_trial
@@ -74,6 +74,13 @@ def preflight_study(study: StudyConfig) -> None:
     from rsnl.config import TrialConfig
     for cfg in bank_plan(study).values():
         preflight(TrialConfig.from_dict(cfg))
+
+
+def prepare_study_weights(study: StudyConfig) -> None:
+    """Build rsnl's stand-in VLM here, before Ray, if a trial needs it and it is not cached yet."""
+    from rsnl.config import TrialConfig
+    for cfg in bank_plan(study).values():
+        prepare_weights(TrialConfig.from_dict(cfg))
 
 
 def _trial_dirname(study: StudyConfig):
@@ -176,6 +183,7 @@ def run_study(study: StudyConfig, address: str | None = None, resume: bool = Fal
     preflight_study(study)
     if address is None:
         check_local_gpus(study.gpu)
+    prepare_study_weights(study)
     init_ray(address)
     if address is not None:
         check_cluster_gpus(study.gpu)

@@ -30,13 +30,13 @@ _clips: dict[tuple, object] = {}  # per worker process: reused by trials of a re
 def bank_key(cfg) -> tuple:
     """Trials whose configs agree on this share one FeatureBank."""
     return (cfg.dataset, cfg.data_root or os.environ.get("RSNL_DATA"), cfg.backbone, cfg.pretrained,
-            cfg.aug_views, cfg.precision, cfg.device)
+            cfg.aug_views, cfg.aug_scale, cfg.precision, cfg.device)
 
 
 def _clip(cfg, device):
-    key = (cfg.backbone, cfg.pretrained, str(device))
+    key = (cfg.backbone, cfg.pretrained, str(device), cfg.cache_dir)
     if key not in _clips:
-        _clips[key] = load_clip_full(cfg.backbone, cfg.pretrained, device)
+        _clips[key] = load_clip_full(cfg.backbone, cfg.pretrained, device, cfg.cache_dir)
     return _clips[key]
 
 
