@@ -66,3 +66,19 @@ def test_bench_study_help():
     """Imports and argument parsing (the study itself runs in benchmarks/gpu_check.sh and by hand)."""
     out = run(BENCH / "bench_study.py", "--help", timeout=120)
     assert "--gpus-per-trial" in out and "trials per hour" in out
+
+
+def test_bench_overhead_sums_every_member_of_every_epoch(tmp_path):
+    """bench_overhead's compute: grouped and single trials, as Tune writes their result.json."""
+    sys.path.insert(0, str(BENCH))
+    from bench_overhead import trial_compute
+
+    grouped = [{"epoch": e, "group": {"seed=1": {"epoch_seconds": 0.5}, "seed=2": {"epoch_seconds": 0.25}}}
+               for e in range(4)]
+    single = [{"epoch": e, "epoch_seconds": 1.5} for e in range(2)]
+    for name, rows in (("a_coop", grouped), ("b_rsnl", single)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert trial_compute(tmp_path) == {"a_coop": 3.0, "b_rsnl": 3.0}
+    out = run(BENCH / "bench_overhead.py", "--help", timeout=120)
+    assert "overhead" in out and "plain loop" in out

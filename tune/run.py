@@ -141,7 +141,8 @@ def build_tuner(study: StudyConfig, banks: dict, exp: str, resume: bool):
             reuse_actors=study.reuse_actors, trial_name_creator=name, trial_dirname_creator=name),
         run_config=tune.RunConfig(
             name=study.name, storage_path=study.storage_path(), callbacks=callbacks,
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            # two kept: a driver killed while Tune swaps checkpoints still finds the older one on resume
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             failure_config=tune.FailureConfig(max_failures=study.max_failures), progress_reporter=reporter,
             verbose=1),
     )

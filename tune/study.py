@@ -117,8 +117,18 @@ class StudyConfig:
                 "int": lambda: tune.randint(v[0], v[1] + 1),  # inclusive upper bound in our YAML
             }[dist]()
         if self.variants:
-            space["variant"] = tune.grid_search(copy.deepcopy(self.variants))
+            space["variant"] = tune.grid_search(self.variants_costliest_first())
         return space
+
+    def variants_costliest_first(self) -> list[dict]:
+        """Variants that select samples (a GMM per class every epoch) first, then by prompt blocks (the
+        text tower's cost grows with them): started longest-first, the trials of a grid finish closer
+        together on a fixed number of slots."""
+        base = TrialConfig.from_dict(self.trial)
+
+        def cost(v: dict) -> tuple:
+            return (v.get("selector", base.selector) != "none", int(v.get("blocks", base.blocks)))
+        return sorted(copy.deepcopy(self.variants), key=cost, reverse=True)
 
 
 def member_name(member: dict) -> str:
