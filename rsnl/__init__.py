@@ -10,6 +10,8 @@ Modules, one idea each:
   features    frozen image features, computed once, in a content-keyed disk cache
   zeroshot    the zero-shot baseline every trial reports
   similarity  prompt / feature / robust similarity and clean-sample selection
+  ot          PromptOT: NLPrompt's optimal-transport selection
+  manifest    noise manifests: a trial's draw as a file, and its replay
   train       the epoch loop, metrics and checkpoints (also `python -m rsnl.train`)
   files       atomic writes and locks
 """

@@ -40,6 +40,8 @@ class TrialConfig:
     noise_type: str = field(default="ptnl", metadata=_choices("ptnl", "symmetric", "pairflip"))
     noise_rate: float = field(default=0.0, metadata=_range(0.0, 1.0, hi_open=True))
     seed: int = field(default=1, metadata=_range(0))
+    noise_file: str | None = field(default=None, metadata={
+        "help": "replay the train and val samples of a noise manifest (rsnl/manifest.py) instead of drawing them"})
     # model
     backbone: str = field(default="RN50", metadata={"help": "open_clip model name or rsnl-tiny"})
     pretrained: str | None = field(default="openai", metadata={"help": "tag, checkpoint path, or none"})
@@ -56,15 +58,20 @@ class TrialConfig:
     weight_decay: float = field(default=5e-4, metadata=_range(0.0))
     warmup_epochs: int = field(default=1, metadata=_range(0))
     warmup_lr: float = field(default=1e-5, metadata=_range(0.0, lo_open=True))
-    loss: str = field(default="ce", metadata=_choices("ce", "gce", "mae"))
+    loss: str = field(default="ce", metadata={**_choices("ce", "gce", "mae", "ce+mae"),
+                                              "help": "ce+mae: cross-entropy on kept samples, MAE on the rest"})
     gce_q: float = field(default=0.7, metadata=_range(0.0, 1.0, lo_open=True))
     # robust similarity and selection
     alpha_base: float = field(default=0.2, metadata=_range(0.0, 1.0))
     alpha_rate: float = field(default=35.0, metadata=_range(0.0, lo_open=True))
-    selector: str = field(default="gmm", metadata=_choices("gmm", "ratio", "none"))
+    selector: str = field(default="gmm", metadata={**_choices("gmm", "ratio", "ot", "none"),
+                                                   "help": "ot: NLPrompt's PromptOT (rsnl/ot.py)"})
     select_ratio: float = field(default=0.5, metadata=_range(0.0, 1.0, lo_open=True))
     gmm_threshold: float = field(default=0.5, metadata=_range(0.0, 1.0))
     gmm_reg_covar: float = field(default=5e-4, metadata=_range(0.0, lo_open=True))
+    ot_eps: float = field(default=0.01, metadata={**_range(0.0, lo_open=True), "help": "entropic OT's epsilon"})
+    ot_cost: str = field(default="neg_log_prob", metadata={**_choices("neg_log_prob", "neg_prob"),
+                                                           "help": "OT cost: -log p (the paper) or -p (its code)"})
     # features and runtime
     aug_views: int = field(default=10, metadata={**_range(0), "help": "precomputed augmented views per image"})
     aug_scale: float = field(default=0.08, metadata={**_range(0.0, 1.0, lo_open=True),
@@ -80,6 +87,8 @@ class TrialConfig:
             setattr(self, f.name, _check(f, getattr(self, f.name)))
         if isinstance(self.pretrained, str) and self.pretrained.lower() in ("none", "null", ""):
             self.pretrained = None
+        if self.noise_file is not None and not self.noise_file.strip():
+            raise ConfigError("noise_file: must be the path of a noise manifest (CSV), or null")
         if self.ctx_init is not None and not self.ctx_init.strip():
             raise ConfigError("ctx_init: must be a non-empty text such as 'a photo of a', or null")
         if self.ctx_init is not None and self.blocks > 1:

@@ -54,6 +54,9 @@ class ImageSet:
     classnames: list[str]
     labels: np.ndarray  # int64, shape [N]
     sources: list  # per image: a file path (str) or an HxW / HxWx3 uint8 array (in-memory datasets)
+    # per image: its name in the dataset, the same on every machine and layout (noise manifests use it):
+    # a path relative to the dataset's image folder, or `<file>#<index>` for in-memory images
+    ids: list | None = None
 
     def __post_init__(self):
         self.classnames = list(self.classnames)
@@ -64,6 +67,11 @@ class ImageSet:
                 f"{self.name}: {len(self.sources)} images but {len(self.labels)} labels; "
                 "an ImageSet needs one label per image"
             )
+        if self.ids is None:
+            self.ids = [s if isinstance(s, str) else f"{self.name}#{i}" for i, s in enumerate(self.sources)]
+        self.ids = [str(i) for i in self.ids]
+        if len(self.ids) != len(self.sources):
+            raise DataError(f"{self.name}: {len(self.ids)} image ids for {len(self.sources)} images")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -107,7 +115,8 @@ class ImageSet:
     def subset(self, indices) -> "ImageSet":
         """The images at `indices` (in that order), same name and class list."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        return ImageSet(self.name, self.classnames, self.labels[idx], [self.sources[i] for i in idx])
+        return ImageSet(self.name, self.classnames, self.labels[idx], [self.sources[i] for i in idx],
+                        [self.ids[i] for i in idx])
 
 
 @dataclass(eq=False)
@@ -290,7 +299,7 @@ def load_coop(name: str, root: str | None, dataset_dir: str, image_dir: str, spl
                 f"{image_root} as described in {COOP_DOCS}"
             )
         labels = np.array([row[1] for row in rows], dtype=np.int64)
-        sets[split] = ImageSet(f"{name}/{split}", classnames, labels, sources)
+        sets[split] = ImageSet(f"{name}/{split}", classnames, labels, sources, [row[0] for row in rows])
     return Dataset(name, classnames, sets["train"], sets["val"], sets["test"])
 
 
@@ -359,7 +368,9 @@ def _load_dtd_torchvision(root: str) -> Dataset:
             )
         labels = np.array([index[ds.classes[y]] for y in ds._labels], dtype=np.int64)
         sources = [str(p) for p in ds._image_files]
-        sets[split] = ImageSet(f"dtd/{split}", classnames, labels, sources)
+        images = os.path.join(root, "dtd", "dtd", "images")  # ids as CoOp's impaths: <class>/<file>
+        ids = [os.path.relpath(p, images) for p in sources]
+        sets[split] = ImageSet(f"dtd/{split}", classnames, labels, sources, ids)
     return Dataset("dtd", classnames, sets["train"], sets["val"], sets["test"])
 
 
@@ -399,7 +410,8 @@ def load_digits_dataset(root: str | None = None, download: bool = False) -> Data
     sets = {}
     for split in SPLITS:
         idx = np.sort(np.concatenate(parts[split]))
-        sets[split] = ImageSet(f"digits/{split}", DIGIT_NAMES, targets[idx], [images[i] for i in idx])
+        sets[split] = ImageSet(f"digits/{split}", DIGIT_NAMES, targets[idx], [images[i] for i in idx],
+                               [f"digits#{i}" for i in idx])
     return Dataset("digits", list(DIGIT_NAMES), sets["train"], sets["val"], sets["test"])
 
 
@@ -553,9 +565,9 @@ def load_fashion_mnist(root: str | None = None, download: bool = False) -> Datas
     for split in ("train", "val"):
         idx = part[split]
         sets[split] = ImageSet(f"fashion-mnist/{split}", FASHION_MNIST_CLASSES, raw["train_labels"][idx],
-                               list(raw["train_images"][idx]))
+                               list(raw["train_images"][idx]), [f"train-images-idx3-ubyte#{i}" for i in idx])
     sets["test"] = ImageSet("fashion-mnist/test", FASHION_MNIST_CLASSES, raw["test_labels"],
-                            list(raw["test_images"]))
+                            list(raw["test_images"]), [f"t10k-images-idx3-ubyte#{i}" for i in range(10000)])
     return Dataset("fashion-mnist", list(FASHION_MNIST_CLASSES), sets["train"], sets["val"], sets["test"])
 
 
@@ -584,7 +596,7 @@ def load_imagefolder(root: str | None, download: bool = False) -> Dataset:
                 f"split folder {os.path.join(root, split)} has other classes than train (differ: "
                 f"{', '.join(diff[:5])}); val and test must have the same class folders as train"
             )
-        sources, labels = [], []
+        sources, labels, ids = [], [], []
         for c, cname in enumerate(classnames):
             folder = os.path.join(root, split, cname)
             files = sorted(
@@ -592,11 +604,12 @@ def load_imagefolder(root: str | None, download: bool = False) -> Dataset:
             )
             sources += files
             labels += [c] * len(files)
+            ids += [f"{cname}/{os.path.basename(f)}" for f in files]
         if not sources:
             raise DataError(
                 f"split folder {os.path.join(root, split)} holds no images ({', '.join(IMAGE_EXTENSIONS)})"
             )
-        sets[split] = ImageSet(f"imagefolder/{split}", classnames, np.array(labels, dtype=np.int64), sources)
+        sets[split] = ImageSet(f"imagefolder/{split}", classnames, np.array(labels, dtype=np.int64), sources, ids)
     return Dataset("imagefolder", classnames, sets["train"], sets["val"], sets["test"])
 
 

@@ -45,6 +45,8 @@ class FeatureBank:
     val_labels: np.ndarray
     test_labels: np.ndarray
     zeroshot_text: torch.Tensor | None = None  # [C, D] the plain prompt's text features (rsnl.zeroshot)
+    train_ids: list | None = None  # image identifiers (ImageSet.ids): what noise manifests name
+    val_ids: list | None = None
 
     @property
     def dim(self) -> int:
@@ -194,4 +196,5 @@ def build_feature_bank(dataset: Dataset, model, preprocess, identity: str, aug_v
         train_labels=np.asarray(dataset.train.labels), val_labels=np.asarray(dataset.val.labels),
         test_labels=np.asarray(dataset.test.labels),
         zeroshot_text=None if tokenizer is None else zeroshot_text(model, tokenizer, dataset.classnames, device),
+        train_ids=list(dataset.train.ids), val_ids=list(dataset.val.ids),
     )

@@ -26,8 +26,11 @@ from rsnl.config import ConfigError, TrialConfig, load_yaml, parse_overrides
 from rsnl.data import DataError, check_shots, load_dataset
 from rsnl.features import FeatureBank, build_feature_bank
 from rsnl.files import atomic_write
+from rsnl.manifest import manifest_text, read_manifest, write_manifest
+from rsnl.manifest import sha256 as manifest_sha256
 from rsnl.models import LoadedClip, ModelError, PromptMatrix, check_backbone, load_clip_full
 from rsnl.noise import NoisySample, sample_noisy_fewshot
+from rsnl.ot import select_by_ot
 from rsnl.similarity import (alpha_schedule, feature_similarity, prompt_similarity, robust_similarity,
                              select_clean, selection_metrics)
 from rsnl.zeroshot import zeroshot_accuracy
@@ -103,13 +106,37 @@ class TrialData:
     test: torch.Tensor
     test_labels: np.ndarray
     zeroshot_text: torch.Tensor | None = None  # [C, D] the plain prompt's text features
+    manifest: str | None = None  # the draw as a noise manifest (rsnl/manifest.py); None without image ids
+
+
+NOISE_RATE_TOLERANCE = 0.05  # a replayed manifest's noisy share must match the trial's noise_rate this closely
+
+
+def draw_samples(cfg: TrialConfig, bank: FeatureBank) -> tuple[NoisySample, NoisySample]:
+    """The train and val samples: drawn by the seed, or read from cfg.noise_file."""
+    if cfg.noise_file is None:
+        C = len(bank.classnames)
+        s = sample_noisy_fewshot(bank.train_labels, C, cfg.shots, cfg.noise_rate, cfg.noise_type, cfg.seed)
+        v = sample_noisy_fewshot(bank.val_labels, C, cfg.val_shots or cfg.shots, cfg.noise_rate, cfg.noise_type,
+                                 cfg.seed)
+        return s, v
+    if bank.train_ids is None or bank.val_ids is None:
+        raise ConfigError("noise_file: this feature bank has no image ids to match a manifest against")
+    drawn = read_manifest(cfg.noise_file, {"train": bank.train_ids, "val": bank.val_ids},
+                          {"train": bank.train_labels, "val": bank.val_labels}, bank.classnames)
+    share = drawn["train"].noise_fraction
+    if abs(share - cfg.noise_rate) > NOISE_RATE_TOLERANCE:
+        raise ConfigError(f"noise_file: {cfg.noise_file} has {share:.1%} noisy training labels but the trial says "
+                          f"noise_rate {cfg.noise_rate:g}; set noise_rate to the manifest's rate (reports group by it)")
+    return drawn["train"], drawn["val"]
 
 
 def trial_data(cfg: TrialConfig, bank: FeatureBank) -> TrialData:
-    C = len(bank.classnames)
-    s = sample_noisy_fewshot(bank.train_labels, C, cfg.shots, cfg.noise_rate, cfg.noise_type, cfg.seed)
-    v = sample_noisy_fewshot(bank.val_labels, C, cfg.val_shots or cfg.shots, cfg.noise_rate, cfg.noise_type,
-                             cfg.seed)
+    s, v = draw_samples(cfg, bank)
+    manifest = None
+    if bank.train_ids is not None and bank.val_ids is not None:
+        manifest = manifest_text({"train": s, "val": v}, {"train": bank.train_ids, "val": bank.val_ids},
+                                 bank.classnames)
     idx = torch.as_tensor(s.indices)
     # A bank may hold more views than this trial uses; view v is the same whatever their number.
     views = bank.train_views[: cfg.aug_views, idx] if bank.train_views is not None and cfg.aug_views > 0 else None
@@ -117,7 +144,7 @@ def trial_data(cfg: TrialConfig, bank: FeatureBank) -> TrialData:
         raise ValueError(f"feature bank has {views.shape[0]} augmented views, the trial asks for {cfg.aug_views}")
     return TrialData(train=bank.train[idx], train_views=views, sample=s, val=bank.val[torch.as_tensor(v.indices)],
                      val_sample=v, test=bank.test, test_labels=np.asarray(bank.test_labels),
-                     zeroshot_text=bank.zeroshot_text)
+                     zeroshot_text=bank.zeroshot_text, manifest=manifest)
 
 
 # --- losses -----------------------------------------------------------------------------------
@@ -161,6 +188,8 @@ class Trainer:
         # the zero-shot baseline on the same test split: constant, reported every epoch beside test_acc
         self.zeroshot_acc = (float("nan") if data.zeroshot_text is None
                              else zeroshot_accuracy(data.test, data.zeroshot_text, data.test_labels))
+        self.manifest_sha256 = None if data.manifest is None else manifest_sha256(data.manifest)
+        self.ot_residual = float("nan")  # rows' L1 error of the last OT plan (selector ot)
 
     def _lr_factor(self, epoch: int) -> float:
         """Constant warm-up lr, then cosine over all epochs (CoOp's schedule), stepped per epoch."""
@@ -180,6 +209,14 @@ class Trainer:
         return alpha, g
 
     def select(self, epoch: int) -> tuple[float, np.ndarray, np.ndarray]:
+        """(alpha, score, keep): the clean samples of this epoch and the score that ranks them (G, or
+        Q_{i, y~_i} for the OT selector, where alpha has no role and is NaN)."""
+        if self.cfg.selector == "ot":
+            with torch.no_grad(), self._autocast():
+                probs = self.prompts(self.train_f, self.logit_scale).double().softmax(-1)
+            keep, score, self.ot_residual = select_by_ot(probs, self.data.sample.labels, self.cfg.ot_eps,
+                                                         self.cfg.ot_cost)
+            return float("nan"), score, keep
         alpha, g = self.robust_scores(epoch)
         keep = select_clean(g, self.data.sample.labels, self.cfg.selector, threshold=self.cfg.gmm_threshold,
                             ratio=self.cfg.select_ratio, reg_covar=self.cfg.gmm_reg_covar, seed=self.cfg.seed)
@@ -199,30 +236,38 @@ class Trainer:
         cfg, e = self.cfg, self.epoch
         start = time.perf_counter()
         alpha, g, keep = self.select(e)
-        kept = torch.as_tensor(np.flatnonzero(keep), device=self.device)
-        order = kept[torch.randperm(len(kept), generator=self.generator).to(self.device)]
-        view = (torch.randint(self.views.shape[0], (len(kept),), generator=self.generator).to(self.device)
-                if self.views is not None else None)
+        # kept samples with the trial's loss; with ce+mae (NLPrompt) then the rest with MAE, in batches of
+        # their own as NLPrompt's trainer does
+        phases = [(keep, "ce" if cfg.loss == "ce+mae" else cfg.loss)]
+        if cfg.loss == "ce+mae":
+            phases.append((~keep, "mae"))
         lr = self.optimizer.param_groups[0]["lr"]
         total, correct, seen = 0.0, 0, 0
         self.prompts.train()
-        for s in range(0, len(order), cfg.batch_size):
-            idx = order[s: s + cfg.batch_size]
-            f = self.views[view[s: s + cfg.batch_size], idx] if view is not None else self.train_f[idx]
-            y = self.labels[idx]
-            with self._autocast():
-                logits = self.prompts(f, self.logit_scale)
-                loss = noisy_label_loss(logits, y, cfg.loss, cfg.gce_q)
-            if not torch.isfinite(loss):
-                raise NonFiniteError(f"epoch {e}: train_loss is {loss.item()} (batch starting at {s}); "
-                                     f"lower lr or use precision fp32")
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            total += loss.item() * len(idx)
-            correct += int((logits.argmax(-1) == y).sum())
-            seen += len(idx)
+        for mask, loss_kind in phases:
+            kept = torch.as_tensor(np.flatnonzero(mask), device=self.device)
+            order = kept[torch.randperm(len(kept), generator=self.generator).to(self.device)]
+            view = (torch.randint(self.views.shape[0], (len(kept),), generator=self.generator).to(self.device)
+                    if self.views is not None else None)
+            for s in range(0, len(order), cfg.batch_size):
+                idx = order[s: s + cfg.batch_size]
+                f = self.views[view[s: s + cfg.batch_size], idx] if view is not None else self.train_f[idx]
+                y = self.labels[idx]
+                with self._autocast():
+                    logits = self.prompts(f, self.logit_scale)
+                    loss = noisy_label_loss(logits, y, loss_kind, cfg.gce_q)
+                    if cfg.loss == "ce+mae" and loss_kind == "mae":
+                        loss = loss / 2  # NLPrompt's MAE is mean(1 - p_y), half of rsnl's mae
+                if not torch.isfinite(loss):
+                    raise NonFiniteError(f"epoch {e}: train_loss is {loss.item()} (batch starting at {s}); "
+                                         f"lower lr or use precision fp32")
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                total += loss.item() * len(idx)
+                correct += int((logits.argmax(-1) == y).sum())
+                seen += len(idx)
         self.scheduler.step()
         self.prompts.eval()
         metrics = {
@@ -235,6 +280,7 @@ class Trainer:
             "zeroshot_acc": self.zeroshot_acc,
             "alpha": alpha,
             **selection_metrics(keep, self.data.sample.is_noisy, g),
+            **({"ot_residual": self.ot_residual} if cfg.selector == "ot" else {}),
             "epoch_seconds": time.perf_counter() - start,
         }
         # Plain Python numbers: checkpoints are read back with weights_only=True, which refuses numpy scalars.
@@ -345,7 +391,8 @@ def main(argv=None) -> int:
     p.add_argument("--config", action="append", default=[], metavar="FILE.yaml",
                    help="trial config; repeat to layer files (later ones win), e.g. a dataset and a method file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
-    p.add_argument("--out", metavar="DIR", help="write metrics.jsonl and checkpoint.pt here after every epoch")
+    p.add_argument("--out", metavar="DIR", help="write metrics.jsonl and checkpoint.pt here after every epoch, "
+                                                "and the draw as noise_manifest.csv")
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt (needs --out)")
     args = p.parse_args(argv)
     try:
@@ -371,6 +418,8 @@ def main(argv=None) -> int:
         print(f"rsnl: error: {e}", file=sys.stderr)
         return 2
 
+    if out is not None and trainer.data.manifest is not None:
+        write_manifest(out, trainer.data.manifest)
     s = trainer.data.sample
     print(f"# {cfg.dataset} {cfg.backbone}/{cfg.pretrained or 'random-init'}: {len(s)} samples, "
           f"{int(s.is_noisy.sum())} noisy ({cfg.noise_type} {cfg.noise_rate}), blocks {cfg.blocks}, "
@@ -393,7 +442,7 @@ def main(argv=None) -> int:
     except NonFiniteError as e:
         print(f"rsnl: error: {e}", file=sys.stderr)
         return 3
-    print(json.dumps(json_safe(trainer.history[-1])))
+    print(json.dumps({**json_safe(trainer.history[-1]), "noise_manifest_sha256": trainer.manifest_sha256}))
     return 0
 
 

@@ -60,7 +60,7 @@ def test_out_of_range(key, value, allowed):
 def test_unknown_choice_suggests():
     msg = error(selector="gmmm")
     assert msg.startswith("selector: 'gmmm' is not allowed") and "did you mean 'gmm'" in msg
-    assert "allowed: gmm, ratio, none" in msg
+    assert "allowed: gmm, ratio, ot, none" in msg
     msg = error(noise_type="pair_flip")
     assert msg.startswith("noise_type:") and "did you mean 'pairflip'" in msg
 

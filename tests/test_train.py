@@ -1,6 +1,7 @@
 """rsnl.train: the epoch loop on digits + rsnl-tiny, its metrics, determinism, exact resume, losses,
 non-finite detection and the command line (DESIGN sections 3, 4, 8)."""
 
+import hashlib
 import json
 import math
 import os
@@ -269,8 +270,12 @@ def test_cli_run_out_and_resume(tmp_path, cli_cache):
     final = json.loads(lines[-1])
     assert final["epoch"] == 1 and 0 <= final["test_acc"] <= 100 and set(REQUIRED) <= set(final)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    digest = final.pop("noise_manifest_sha256")
     assert [m["epoch"] for m in metrics] == [0, 1] and metrics[-1] == final
     assert (out / "checkpoint.pt").is_file() and not list(out.glob("*.tmp"))
+    manifest = (out / "noise_manifest.csv").read_text()  # the draw, named by image ids and class names
+    assert hashlib.sha256(manifest.encode()).hexdigest() == digest
+    assert manifest.splitlines()[0] == "split,image,label,true_label" and "digits#" in manifest
 
     # resuming the finished run with the same config trains nothing and ends with the same line
     p2, _ = cli(*QUICK, "--out", str(out), "--resume", cache=cli_cache)
@@ -299,7 +304,7 @@ def test_cli_bad_set_is_one_line_and_fast(cli_cache):
 @pytest.mark.parametrize("bad,message", [
     ("blocks=four", "blocks: must be an integer, got 'four'"),
     ("noise_rate=1.5", "noise_rate: 1.5 is out of range; allowed: [0.0, 1.0)"),
-    ("selector=gmmm", "selector: 'gmmm' is not allowed (did you mean 'gmm'?); allowed: gmm, ratio, none"),
+    ("selector=gmmm", "selector: 'gmmm' is not allowed (did you mean 'gmm'?); allowed: gmm, ratio, ot, none"),
     ("blocks", "--set 'blocks': expected key=value"),
 ])
 def test_cli_bad_set_in_process(bad, message, capsys):

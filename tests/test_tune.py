@@ -78,13 +78,13 @@ def test_presets_parse_and_describe_themselves():
     presets = list_presets()
     assert {"quickstart", "dtd-ablation", "dtd-search", "fmnist-ablation", "fmnist-search"} <= set(presets)
     ablation = load_study(preset="dtd-ablation")
-    assert ablation.num_trials() == 6 * 4 * 3
-    assert {v["name"] for v in ablation.variants} >= {"coop", "gce", "rsnl-m6"}
+    assert ablation.num_trials() == 7 * 4 * 3
+    assert {v["name"] for v in ablation.variants} >= {"coop", "gce", "rsnl-m6", "nlprompt"}
     search = load_study(preset="dtd-search")
     assert search.kind == "optuna" and len(search.group_members) == 9 and search.metric == "val_acc"
     # the test-bed's presets mirror DTD's: the same methods, noise rates, seeds and search space
     fm = load_study(preset="fmnist-ablation")
-    assert fm.num_trials() * len(fm.group_members) == 6 * 4 * 3 and fm.variants == ablation.variants
+    assert fm.num_trials() * len(fm.group_members) == 7 * 4 * 3 and fm.variants == ablation.variants
     assert sorted(fm.group["noise_rate"]) == sorted(ablation.params["noise_rate"]["grid"])
     assert fm.group["seed"] == ablation.params["seed"]["grid"]
     fs = load_study(preset="fmnist-search")
@@ -213,6 +213,25 @@ def test_grid_trials_report_every_epoch_with_tensorboard_events(grid_experiment)
     assert variants == {"coop", "rsnl-m2"}
 
 
+def test_every_trial_keeps_its_draw_and_reports_its_hash(grid_experiment, optuna_experiment):
+    """noise_manifest.csv in each trial folder (one per member in a group), its sha256 in every result; the
+    same seed and noise rate give the same draw for every method."""
+    import hashlib
+    by_draw = {}
+    for d in trial_dirs(grid_experiment):
+        text = (d / "noise_manifest.csv").read_bytes()
+        rows = results_of(d)
+        assert {r["noise_manifest_sha256"] for r in rows} == {hashlib.sha256(text).hexdigest()}
+        params = json.loads((d / "params.json").read_text())
+        by_draw.setdefault((params["noise_rate"], params["seed"]), set()).add(text)
+    assert len(by_draw) == 4 and all(len(texts) == 1 for texts in by_draw.values())
+    for d in trial_dirs(optuna_experiment):
+        members = results_of(d)[-1]["group"]
+        for member, seed in (("seed=1", 1), ("seed=2", 2)):
+            text = (d / f"noise_manifest_seed={seed}.csv").read_bytes()
+            assert members[member]["noise_manifest_sha256"] == hashlib.sha256(text).hexdigest()
+
+
 def test_group_objective_is_the_member_mean_and_optuna_db_matches(optuna_experiment):
     import optuna
     dirs = trial_dirs(optuna_experiment)
@@ -331,3 +350,27 @@ def test_killed_driver_then_resume_runs_every_trial_exactly_once(tmp_path, ray_e
     trials = optuna.load_study(study_name="killed", storage=f"sqlite:///{exp / 'optuna.db'}").get_trials()
     assert len(trials) == 3 and len({t.user_attrs["tune_trial_id"] for t in trials}) == 3
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+
+
+def test_nlprompt_runs_in_a_study_beside_coop(ray_session, tmp_path, study_cache):
+    """NLPrompt (selector ot, loss ce+mae) as a variant: selection metrics, its OT residual, and the report's
+    paired table against CoOp on the same draws."""
+    from analysis import load_experiment, paired_table
+    from studies import grid_study, run
+
+    values = grid_study(tmp_path / "st", study_cache, name="nlp")
+    values["variants"] = [{"name": "coop", "blocks": 1, "selector": "none", "loss": "ce"},
+                          {"name": "nlprompt", "blocks": 1, "selector": "ot", "loss": "ce+mae"}]
+    values["search"]["params"] = {"noise_rate": {"grid": [0.5]}, "seed": {"grid": [1, 2]}}
+    results, exp, _ = run(values)
+    assert results.num_errors == 0 and results.num_terminated == 4
+    for d in trial_dirs(exp):
+        last = results_of(d)[-1]
+        if json.loads((d / "params.json").read_text())["variant"]["name"] == "nlprompt":
+            assert 0 <= last["ot_residual"] < 1 and 0 < last["kept_frac"] <= 1
+            assert 0 <= last["select_precision"] <= 1 and 0 <= last["noise_auroc"] <= 1
+            assert last["alpha"] != last["alpha"]  # NaN: no blend in PromptOT
+        else:
+            assert "ot_residual" not in last and last["kept_frac"] == 1.0
+    table = paired_table(load_experiment(exp))
+    assert table.rows == ["nlprompt"] and table.cells[("nlprompt", "50%")].n == 2

@@ -144,6 +144,8 @@ def build_tuner(study: StudyConfig, banks: dict, exp: str, resume: bool):
             # two kept: a driver killed while Tune swaps checkpoints still finds the older one on resume
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             failure_config=tune.FailureConfig(max_failures=study.max_failures), progress_reporter=reporter,
+            # the trials' noise manifests, written to their working folders, reach the experiment folder
+            sync_config=tune.SyncConfig(sync_artifacts=True),
             verbose=1),
     )
 

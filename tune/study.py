@@ -121,13 +121,14 @@ class StudyConfig:
         return space
 
     def variants_costliest_first(self) -> list[dict]:
-        """Variants that select samples (a GMM per class every epoch) first, then by prompt blocks (the
-        text tower's cost grows with them): started longest-first, the trials of a grid finish closer
-        together on a fixed number of slots."""
+        """Variants by their selector's cost per epoch (optimal transport's Sinkhorn rounds, then a GMM
+        per class, then none), then by prompt blocks (the text tower's cost grows with them): started
+        longest-first, the trials of a grid finish closer together on a fixed number of slots."""
         base = TrialConfig.from_dict(self.trial)
+        selector_cost = {"ot": 2, "gmm": 1, "ratio": 1, "none": 0}
 
         def cost(v: dict) -> tuple:
-            return (v.get("selector", base.selector) != "none", int(v.get("blocks", base.blocks)))
+            return (selector_cost.get(v.get("selector", base.selector), 1), int(v.get("blocks", base.blocks)))
         return sorted(copy.deepcopy(self.variants), key=cost, reverse=True)
 
 
@@ -289,6 +290,8 @@ def parse_study(values: dict) -> StudyConfig:
     if not isinstance(storage, str):
         raise ConfigError(f"storage: must be a folder or URI, got {storage!r}")
 
+    trial, variants, group, params = (_absolute_paths(trial), [_absolute_paths(v) for v in variants],
+                                      _absolute_paths(group), _absolute_paths(params))
     study = StudyConfig(name=name.strip(), trial=dict(trial), kind=kind, params=dict(params),
                         num_samples=num_samples, search_seed=seed, variants=list(variants), group=dict(group),
                         metric=metric, mode=mode, asha=asha, cpu=cpu, gpu=gpu, max_concurrent=max_concurrent,
@@ -296,6 +299,28 @@ def parse_study(values: dict) -> StudyConfig:
                         description=str(values.get("description") or ""))
     study.validate_trials()
     return study
+
+
+PATH_KEYS = ("noise_file", "data_root", "cache_dir", "pretrained")
+_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+
+def _absolute(key: str, value):
+    """A path value made absolute here, in the driver: trials run in their own folders (and on other
+    machines), where a relative path would point elsewhere. pretrained counts only when it is a file."""
+    if isinstance(value, list):
+        return [_absolute(key, v) for v in value]
+    if isinstance(value, dict):  # a search distribution {choice: [...]}
+        return {k: _absolute(key, v) for k, v in value.items()}
+    if not isinstance(value, str) or not value.strip() or "://" in value:
+        return value
+    if key == "pretrained" and not (os.sep in value or value.endswith(_WEIGHT_SUFFIXES)):
+        return value  # a tag such as openai or fashion-mnist
+    return os.path.abspath(os.path.expanduser(value))
+
+
+def _absolute_paths(values: dict) -> dict:
+    return {k: (_absolute(k, v) if k in PATH_KEYS else v) for k, v in values.items()}
 
 
 def _check_distribution(key: str, spec, kind: str) -> None:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from rsnl.manifest import MANIFEST, write_manifest
 from rsnl.models import load_clip_full
 from rsnl.train import build_trainer, resolve_device
 
@@ -54,6 +56,14 @@ def aggregate(members: dict[str, dict]) -> dict:
     return out
 
 
+def manifest_name(member: str, members: int) -> str:
+    """noise_manifest.csv for a single run; one file per group member otherwise, named by its settings
+    (characters that could leave the folder or confuse a shell become '_')."""
+    if members == 1:
+        return MANIFEST
+    return f"noise_manifest_{re.sub(r'[^A-Za-z0-9.=+-]+', '_', member)}.csv"
+
+
 def _maybe_fail(epoch: int) -> None:
     spec = os.environ.get(FAULT_ENV)
     if not spec or not Path(spec).is_file():
@@ -82,6 +92,12 @@ def train_trial(config: dict, study=None, banks=None) -> None:
             raise RuntimeError(f"feature bank of {bank.identity} does not match the trial's model {clip.identity}")
         trainers[name] = build_trainer(cfg, clip, bank)
 
+    # every member's draw beside its results (the same content again on a retry or resume)
+    folder = tune.get_context().get_trial_dir()
+    for name, trainer in trainers.items():
+        if trainer.data.manifest is not None and folder:
+            write_manifest(folder, trainer.data.manifest, manifest_name(name, len(trainers)))
+
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -91,8 +107,11 @@ def train_trial(config: dict, study=None, banks=None) -> None:
 
     node = ray.get_runtime_context().get_node_id()[:12]  # which node ran it (several may share one IP)
     while not all(t.done for t in trainers.values()):
-        results = {name: t.train_epoch() for name, t in trainers.items()}
+        results = {name: {**t.train_epoch(), "noise_manifest_sha256": t.manifest_sha256}
+                   for name, t in trainers.items()}
         metrics = {**aggregate(results), "node_id": node}
+        if len(results) == 1:
+            metrics["noise_manifest_sha256"] = next(iter(results.values()))["noise_manifest_sha256"]
         _maybe_fail(metrics["epoch"])
         with tempfile.TemporaryDirectory() as d:
             torch.save({"members": {n: t.state_dict() for n, t in trainers.items()}}, Path(d) / STATE_FILE)
