@@ -10,13 +10,14 @@ importance (an Optuna study rebuilt from the results, importances and Optuna's p
 """
 
 from analysis.load import last_epoch, load_experiment, trial_summary
-from analysis.tables import ablation_table, best_trials, selection_table
+from analysis.tables import ablation_table, best_trials, paired_table, selection_table
 
 __all__ = [
     "ablation_table",
     "best_trials",
     "last_epoch",
     "load_experiment",
+    "paired_table",
     "selection_table",
     "trial_summary",
     "write_report",

@@ -17,6 +17,7 @@ from analysis.tables import (
     best_trials,
     frame_markdown,
     noise_label,
+    paired_table,
     selection_table,
 )
 
@@ -66,6 +67,9 @@ def write_report(experiment, out=None, evaluator: str = "default") -> Path:
 
     acc = ablation_table(df)
     table("Test accuracy (last epoch)", acc, "ablation")
+    paired = paired_table(df)
+    if paired:  # only where the study has the CoOp baseline on the same draws
+        table("Paired difference to CoOp (last epoch)", paired, "paired")
     table("Clean-sample selection (last epoch)", selection_table(df), "selection")
 
     md += ["## Accuracy vs noise rate", ""]

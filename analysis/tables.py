@@ -18,27 +18,38 @@ from analysis.load import last_epoch
 
 BASELINE = "coop"
 ZEROSHOT = "zero-shot"  # the row of the plain prompt "a photo of a {class}." (no training)
+BELOW_ZEROSHOT = "†"
 DASH = "–"
 
 
 @dataclass
 class Cell:
-    """mean +- std over n runs; std is NaN for a single run; `signed` prints a difference (+1.20)."""
+    """mean +- std over n runs; std is NaN for a single run; `signed` prints a difference (+1.20);
+    lo/hi an interval ([-1.20, +3.40]); `show_n` appends (n=k); `flag` a marker the caption explains."""
     mean: float
     std: float = math.nan
     n: int = 1
     bold: bool = False
     signed: bool = False
+    lo: float = math.nan
+    hi: float = math.nan
+    show_n: bool = False
+    flag: str = ""
 
     def text(self, digits: int, latex: bool = False) -> str:
         if self.mean is None or not math.isfinite(self.mean):
             return "--" if latex else DASH
-        m = f"{self.mean:+.{digits}f}" if self.signed else f"{self.mean:.{digits}f}"
+        fmt = (lambda v: f"{v:+.{digits}f}") if self.signed else (lambda v: f"{v:.{digits}f}")
+        m = fmt(self.mean)
+        interval = f" [{fmt(self.lo)}, {fmt(self.hi)}]" if math.isfinite(self.lo) and math.isfinite(self.hi) else ""
+        n = f" (n={self.n})" if self.show_n else ""
         if latex:
             m = f"\\mathbf{{{m}}}" if self.bold else m
-            return f"${m} \\pm {self.std:.{digits}f}$" if math.isfinite(self.std) else f"${m}$"
+            body = f"${m} \\pm {self.std:.{digits}f}$" if math.isfinite(self.std) else f"${m}$"
+            return body + interval + n + ("$^\\dagger$" if self.flag else "")
         m = f"**{m}**" if self.bold else m
-        return f"{m} ± {self.std:.{digits}f}" if math.isfinite(self.std) else m
+        body = f"{m} ± {self.std:.{digits}f}" if math.isfinite(self.std) else m
+        return body + interval + n + self.flag
 
 
 @dataclass
@@ -90,7 +101,7 @@ class Table:
 def _tex(s: str) -> str:
     out = str(s)
     for a, b in (("\\", "\\textbackslash{}"), ("&", "\\&"), ("%", "\\%"), ("_", "\\_"), ("#", "\\#"),
-                 ("±", "$\\pm$"), ("Δ", "$\\Delta$"), (DASH, "--")):
+                 ("±", "$\\pm$"), ("Δ", "$\\Delta$"), ("†", "$^\\dagger$"), (DASH, "--")):
         out = out.replace(a, b)
     return out
 
@@ -166,6 +177,15 @@ def ablation_table(df: pd.DataFrame, metric: str = "test_acc", baseline: str = B
         for s in zs.itertuples():
             # constant over seeds and noise: a std of 0 would only clutter the row
             cells[(ZEROSHOT, noise_label(s.noise_rate))] = Cell(s.mean, s.std if s.std > 1e-9 else math.nan, int(s.n))
+    if ZEROSHOT in rows:  # a trained method that ends below not training at all is worth a mark
+        for (r, col), cell in cells.items():
+            zs_cell = cells.get((ZEROSHOT, col))
+            if r != ZEROSHOT and zs_cell is not None and cell.mean < zs_cell.mean:
+                cell.flag = BELOW_ZEROSHOT
+    counts = {c.n for (r, _), c in cells.items() if r != ZEROSHOT}
+    if len(counts) > 1:  # cells backed by different numbers of runs say so themselves
+        for (r, _), cell in cells.items():
+            cell.show_n = r != ZEROSHOT
     for col in columns[:-1]:  # bold the best mean of each noise rate
         best = max((cells[(r, col)].mean for r in rows if (r, col) in cells), default=None)
         for r in rows:
@@ -193,6 +213,8 @@ def ablation_table(df: pd.DataFrame, metric: str = "test_acc", baseline: str = B
     if ZEROSHOT in rows:
         caption += (f" {ZEROSHOT}: the frozen model with the plain prompt 'a photo of a {{class}}.', no training "
                     "(the same for every seed and noise rate).")
+    if any(c.flag for c in cells.values()):
+        caption += f" {BELOW_ZEROSHOT}: the mean is below zero-shot."
     if incomplete:
         caption += f" No mean for {', '.join(incomplete)}: not every noise rate has a result."
     study = df.attrs.get("study")
@@ -200,9 +222,52 @@ def ablation_table(df: pd.DataFrame, metric: str = "test_acc", baseline: str = B
         caption += (" Each row pools every trial of the search with that setting (its other searched values, "
                     "e.g. alpha, differ).")
     ns = sorted(set(stats["n"].astype(int)))
-    caption += f" Runs per cell: {', '.join(map(str, ns))}." if ns else ""
+    if len(ns) == 1:
+        caption += f" Runs per cell: {ns[0]}."
+    elif ns:
+        caption += " Runs per cell differ: (n=k) in each cell."
     caption += _left_out(df)
     return Table(f"{name} (last epoch)", rows, columns, cells, caption, stats, "method", digits)
+
+
+def paired_differences(df: pd.DataFrame, metric: str = "test_acc", baseline: str = BASELINE) -> pd.DataFrame:
+    """Per method, noise rate and seed: the method's last-epoch value minus the baseline's at the same noise
+    rate and seed (the same draw), runs of one key averaged. Columns: method, noise_rate, seed, diff."""
+    last = last_epoch(df)
+    if last.empty or baseline not in set(last["method"]) or "seed" not in last:
+        return pd.DataFrame(columns=["method", "noise_rate", "seed", "diff"])
+    per = last.groupby(["method", "noise_rate", "seed"])[metric].mean().reset_index()
+    base = per[per["method"] == baseline].drop(columns="method").rename(columns={metric: "base"})
+    pairs = per[per["method"] != baseline].merge(base, on=["noise_rate", "seed"])
+    return pairs.assign(diff=pairs[metric] - pairs["base"])[["method", "noise_rate", "seed", "diff"]]
+
+
+def paired_table(df: pd.DataFrame, metric: str = "test_acc", baseline: str = BASELINE, digits: int = 2,
+                 confidence: float = 0.95) -> Table:
+    """Rows: methods; columns: noise rates; cell: mean over seeds of (method - baseline) at the same seed,
+    with its t-interval (n - 1 degrees of freedom) and the number of pairs."""
+    from scipy import stats as st
+    pairs = paired_differences(df, metric, baseline)
+    rows = [m for m in method_order(df) if m in set(pairs["method"])]
+    rates = sorted(pairs["noise_rate"].unique())
+    columns = [noise_label(r) for r in rates]
+    cells = {}
+    for (m, rate), d in pairs.groupby(["method", "noise_rate"]):
+        x = d["diff"].to_numpy(dtype=float)
+        n = len(x)
+        cell = Cell(float(x.mean()), n=n, signed=True, show_n=True)
+        if n > 1:
+            half = float(st.t.ppf(0.5 + confidence / 2, n - 1) * x.std(ddof=1) / math.sqrt(n))
+            cell.lo, cell.hi = cell.mean - half, cell.mean + half
+        cells[(m, noise_label(rate))] = cell
+    name = {"test_acc": "test accuracy", "val_acc": "validation accuracy"}.get(metric, metric)
+    caption = (f"Paired difference to {baseline} in {name} (points) at the last epoch: per seed, the method minus "
+               f"{baseline} on the same draw (noise rate and seed), mean over seeds with the "
+               f"{confidence:.0%} t-interval (n - 1 degrees of freedom; none for a single pair); n = seeds with both "
+               "runs. An interval that excludes 0 is a difference these seeds resolve.")
+    stats = pairs.groupby(["method", "noise_rate"])["diff"].agg(["mean", "std", "size"]).reset_index()
+    return Table(f"Paired difference to {baseline} (last epoch)", rows, columns, cells, caption, stats, "method",
+                 digits)
 
 
 SELECTION = (("kept_frac", "kept"), ("select_precision", "precision"), ("select_recall", "recall"),

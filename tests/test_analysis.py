@@ -196,6 +196,48 @@ def test_ablation_table_cells_match_hand_computed_mean_and_std(grid_experiment):
         or f"${statistics.mean(by_cell[(m, r)]):.2f} \\pm {statistics.stdev(by_cell[(m, r)]):.2f}$" in latex
 
 
+def test_paired_differences_to_coop_with_t_intervals(grid_experiment):
+    """Same seed and noise rate = the same draw: the difference per seed, its mean and 95 % t-interval."""
+    from scipy import stats
+
+    from analysis import load_experiment, paired_table
+
+    last = {}
+    for params, lines in raw_trials(grid_experiment):
+        last[(params["variant"]["name"], params["noise_rate"], params["seed"])] = lines[-1]["test_acc"]
+    table = paired_table(load_experiment(grid_experiment))
+    assert table.rows == ["rsnl-m2"] and table.columns == ["25%", "50%"]
+    for rate in (0.25, 0.5):
+        diffs = [last[("rsnl-m2", rate, seed)] - last[("coop", rate, seed)] for seed in (1, 2)]
+        mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
+        half = stats.t.ppf(0.975, 1) * sd / math.sqrt(2)
+        cell = table.cells[("rsnl-m2", f"{rate * 100:g}%")]
+        assert cell.n == 2 and cell.mean == pytest.approx(mean)
+        assert (cell.lo, cell.hi) == (pytest.approx(mean - half), pytest.approx(mean + half))
+        assert f"[{mean - half:+.2f}, {mean + half:+.2f}] (n=2)" in table.markdown()
+    assert "95% t-interval" in table.caption
+
+
+def test_cells_below_zero_shot_are_flagged_and_uneven_counts_shown(grid_experiment):
+    from analysis import ablation_table, load_experiment
+
+    df = load_experiment(grid_experiment)
+    table = ablation_table(df)
+    for (row, col), cell in table.cells.items():
+        if row == "zero-shot" or col not in ("25%", "50%"):
+            continue
+        below = cell.mean < table.cells[("zero-shot", col)].mean
+        assert (cell.flag == "†") == below and (("†" in cell.text(2)) == below)
+    assert ("below zero-shot" in table.caption) == any(c.flag for c in table.cells.values())
+    # one run fewer in one cell: every cell then says how many runs back it
+    run = df[(df["method"] == "coop") & (df["noise_rate"] == 0.5)]["run"].iloc[0]
+    fewer_runs = df[df["run"] != run]
+    fewer_runs.attrs.update(df.attrs)
+    fewer = ablation_table(fewer_runs)
+    assert fewer.cells[("coop", "50%")].n == 1 and "(n=1)" in fewer.markdown() and "(n=2)" in fewer.markdown()
+    assert "Runs per cell differ" in fewer.caption
+
+
 def test_selection_table_and_missing_baseline(optuna_experiment):
     from analysis import ablation_table, load_experiment, selection_table
 
