@@ -112,11 +112,16 @@ def load_clip_full(name: str, pretrained: str | None = None, device="cpu", cache
         kwargs["force_quick_gelu"] = bool(cfg.get("quick_gelu", False))
         kwargs["force_preprocess_cfg"] = {k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode")
                                           if k in cfg}
+    scripted = path is not None and is_torchscript(path)
+    if scripted:  # OpenAI's release format: QuickGELU, as their models were trained with
+        kwargs["force_quick_gelu"] = True
     with torch.random.fork_rng(devices=[]), quiet_random_init():
         torch.manual_seed(INIT_SEED)
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(
-                name, pretrained=path, device=device, **kwargs)
+                name, pretrained=None if scripted else path, device=device, **kwargs)
+            if scripted:
+                load_torchscript_weights(model, path)
         except Exception as e:
             # A bad file surfaces from open_clip as many types (pickle.UnpicklingError for a non-checkpoint,
             # SafetensorError, AssertionError or RuntimeError for another architecture's weights): all mean
@@ -128,6 +133,36 @@ def load_clip_full(name: str, pretrained: str | None = None, device="cpu", cache
                              f"{type(e).__name__}{': ' + detail if detail else ''}") from None
     model.eval().requires_grad_(False)
     return LoadedClip(model, preprocess, open_clip.get_tokenizer(name), identity)
+
+
+# Entries of OpenAI's TorchScript archives that are not weights (and masks open_clip builds itself).
+_ARCHIVE_EXTRAS = ("input_resolution", "context_length", "vocab_size")
+
+
+def is_torchscript(path) -> bool:
+    """A TorchScript archive (a zip with compiled code), as OpenAI released CLIP (~/.cache/clip/RN50.pt)."""
+    import zipfile
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any("/code/" in n for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def load_torchscript_weights(model: nn.Module, path) -> None:
+    """The archive's weights into an open_clip model of the same architecture, every weight accounted for:
+    a missing or foreign key raises (another architecture's archive must not half-load)."""
+    import warnings
+    with warnings.catch_warnings():  # torch deprecates TorchScript; these archives exist all the same
+        warnings.filterwarnings("ignore", message=".*torch.jit.load.*", category=FutureWarning)
+        archive = torch.jit.load(str(path), map_location="cpu")
+    state = {k: v for k, v in archive.state_dict().items() if k not in _ARCHIVE_EXTRAS}
+    expected = model.state_dict()
+    buffers_not_saved = {n for n, _ in model.named_buffers()} - set(expected)  # e.g. attn_mask
+    foreign = sorted(k for k in state if k not in expected and k not in buffers_not_saved)
+    if foreign:
+        raise ValueError(f"the archive has {len(foreign)} weight(s) this architecture lacks, e.g. {foreign[0]!r}")
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=True)
 
 
 class quiet_random_init(logging.Filter):

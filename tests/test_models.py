@@ -299,3 +299,54 @@ def test_check_backbone_is_cheap_and_accepts_valid_pairs(tmp_path):
     check_backbone("rsnl-tiny", str(f))
     assert time.perf_counter() - start < 2
     assert "rsnl-tiny" in models.list_backbones()
+
+
+def test_openai_torchscript_archive_loads_and_computes_what_it_computes(tmp_path):
+    """OpenAI's release format (~/.cache/clip/RN50.pt): a TorchScript archive with RN50's key layout, its
+    size fields, and QuickGELU. The test builds one from a random RN50 and traces its encoders into it, so
+    the archive computes its own outputs; the loaded open_clip model must give the same."""
+    import warnings
+
+    import open_clip
+
+    from rsnl.models import is_torchscript, quiet_random_init
+
+    with quiet_random_init():
+        torch.manual_seed(3)
+        source = open_clip.create_model("RN50", force_quick_gelu=True).eval()
+    del source.context_length, source.vocab_size  # OpenAI's archives hold these as tensors
+    for key, value in (("input_resolution", 224), ("context_length", 77), ("vocab_size", 49408)):
+        source.register_buffer(key, torch.tensor(value))
+    image = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    text = open_clip.get_tokenizer("RN50")(["a photo of a banded.", "a photo of a dotted."])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        archive = torch.jit.trace_module(source, {"encode_image": image, "encode_text": text})
+    path = tmp_path / "RN50.pt"
+    archive.save(str(path))
+    assert is_torchscript(path) and not is_torchscript(tmp_path / "missing.pt")
+
+    loaded = load_clip_full("RN50", str(path))
+    with torch.no_grad():
+        assert torch.allclose(loaded.model.encode_image(image), archive.encode_image(image), atol=1e-5)
+        assert torch.allclose(loaded.model.encode_text(text), archive.encode_text(text), atol=1e-5)
+    assert loaded.identity.startswith("RN50|file-sha256:")
+    # the same weights with GELU in the text tower compute something else: QuickGELU is part of loading these
+    with quiet_random_init():
+        gelu = open_clip.create_model("RN50").eval()
+    gelu.load_state_dict(loaded.model.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(gelu.encode_text(text), archive.encode_text(text), atol=1e-4)
+
+
+def test_torchscript_archive_of_another_architecture_is_one_line(tmp_path, tiny_clip):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        archive = torch.jit.trace_module(tiny_clip.model, {"encode_image": torch.randn(1, 3, 32, 32)})
+    path = tmp_path / "tiny.pt"
+    archive.save(str(path))
+    with pytest.raises(ModelError) as e:
+        load_clip("RN50", str(path))
+    one_line(e, "pretrained:", str(path), "could not be loaded into RN50")
