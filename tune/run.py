@@ -7,6 +7,7 @@ object store; then Tune runs the trials, and nothing finished is ever run twice 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -158,14 +159,23 @@ def compute_banks(study: StudyConfig, log=print) -> tuple[dict, dict]:
     for key, cfg in bank_plan(study).items():
         refs[key], stats_refs[key] = task.remote(cfg)
     t0 = time.perf_counter()
-    try:
-        stats = {k: ray.get(r) for k, r in stats_refs.items()}
-    except ray.exceptions.RayTaskError as e:
+    stats, failures = {}, []
+    for key, ref in stats_refs.items():
+        try:
+            stats[key] = ray.get(ref)
+        except ray.exceptions.RayTaskError as e:
+            # The task's other output failed too: fetch it, or Ray logs it as an unhandled error whenever
+            # the reference is collected (later, into whatever stream is open then).
+            with contextlib.suppress(ray.exceptions.RayTaskError):
+                ray.get(refs[key])
+            failures.append(e)
+    if failures:
         # A bad image or missing weights found while computing features: the user's one line, not a traceback.
         from rsnl.train import USER_ERRORS
+        e = failures[0]
         if isinstance(getattr(e, "cause", None), USER_ERRORS):
             raise e.cause from None
-        raise
+        raise e
     computed = sum(s.get("computed", 0) for s in stats.values())
     hits = sum(s.get("hits", 0) for s in stats.values())
     log(f"[rsnl] image features: {len(refs)} bank(s), {computed} view(s) computed, {hits} from cache "
