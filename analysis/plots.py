@@ -74,8 +74,8 @@ def accuracy_vs_noise(df: pd.DataFrame, metric: str = "test_acc") -> Figure:
     ax.set_ylabel(f"{name} at last epoch (%)")
     ax.set_title(f"{df.attrs.get('name', '')}: {name} vs noise rate\n(mean ± std over seeds, n = runs)")
     ax.grid(alpha=0.3)
-    if methods:
-        ax.legend(title="method", fontsize=9)
+    if methods:  # beside the axes: inside, a legend of many methods hides the lower curves
+        ax.legend(title="method", fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     else:
         ax.text(0.5, 0.5, "no run has reached its last epoch yet", ha="center", va="center",
                 transform=ax.transAxes)
