@@ -16,7 +16,7 @@ import sys
 
 def user_errors() -> tuple:
     """The one-line input errors; imported on use so that `report` starts without torch."""
-    from rsnl.train import USER_ERRORS
+    from rsnl.errors import USER_ERRORS
     return USER_ERRORS
 
 

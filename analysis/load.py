@@ -216,14 +216,14 @@ def _trial_rows(tdir: Path, state: dict | None, study, metric: str) -> list[dict
     trial_id = (state or {}).get("trial_id") or (results[0].get("trial_id") if results else tdir.name)
     started = (state or {}).get("start_time")
     if not isinstance(started, (int, float)) and results:  # the first report's time, less its epoch
-        started = _num(results[0].get("timestamp")) - _num(results[0].get("time_this_iter_s"))
+        started = _number_or_nan(results[0].get("timestamp")) - _number_or_nan(results[0].get("time_this_iter_s"))
     variant = params.get("variant", {}).get("name") if isinstance(params.get("variant"), dict) else None
     single = len(configs) == 1
     rows = []
     for member, cfg in configs.items():
         base = {"trial_id": trial_id, "trial": tdir.name, "status": status, "error": error, "member": member,
                 "run": f"{trial_id}/{member}", "variant": variant,
-                "started": _num(started), **cfg}
+                "started": _number_or_nan(started), **cfg}
         base["method"] = method_label({**cfg, "variant": variant}, study)
         if not results:
             rows.append({**base, "epoch": math.nan, "complete": False})
@@ -232,15 +232,15 @@ def _trial_rows(tdir: Path, state: dict | None, study, metric: str) -> list[dict
             m = r if single else (r.get("group") or {}).get(member)
             if m is None:
                 continue
-            row = {**base, "epoch": int(r["epoch"]), "objective": _num(r.get(metric)),
+            row = {**base, "epoch": int(r["epoch"]), "objective": _number_or_nan(r.get(metric)),
                    "training_iteration": r.get("training_iteration"), "time_total_s": r.get("time_total_s")}
-            row.update({METRIC_COLUMNS[k]: _num(m.get(k)) for k in METRICS})
+            row.update({METRIC_COLUMNS[k]: _number_or_nan(m.get(k)) for k in METRICS})
             row["complete"] = int(r["epoch"]) + 1 >= int(cfg.get("epochs") or 0)
             rows.append(row)
     return rows
 
 
-def _num(v) -> float:
+def _number_or_nan(v) -> float:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
 
 

@@ -16,6 +16,7 @@ from matplotlib.ticker import MaxNLocator
 
 from analysis.load import last_epoch
 from analysis.tables import ZEROSHOT, method_order, noise_label, zeroshot_stats
+from rsnl.files import atomic_write
 
 # (metric, panel title, y label, range the +-std band is clipped to)
 CURVES = (("test_acc", "test accuracy", "accuracy (%)", (0, 100)),
@@ -40,10 +41,9 @@ def linestyles(methods: list[str]) -> dict[str, str]:
 
 
 def save(fig: Figure, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    return path
+    """Atomically: a report re-made while someone looks at it never shows half a picture."""
+    fmt = Path(path).suffix.lstrip(".") or "png"
+    return atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=120, bbox_inches="tight"))
 
 
 def accuracy_vs_noise(df: pd.DataFrame, metric: str = "test_acc") -> Figure:

@@ -20,6 +20,7 @@ from analysis.tables import (
     paired_table,
     selection_table,
 )
+from rsnl.files import atomic_write
 
 REPORT = "report.md"
 
@@ -61,7 +62,7 @@ def write_report(experiment, out=None, evaluator: str = "default") -> Path:
         md.extend([f"## {title}", ""])
         if tab:
             md.extend([tab.markdown(), "", f"_{tab.caption}_", "", f"LaTeX: [{name}.tex]({name}.tex)", ""])
-            (out / f"{name}.tex").write_text(tab.latex(f"tab:{name}") + "\n")
+            atomic_write(out / f"{name}.tex", tab.latex(f"tab:{name}") + "\n")
         else:
             md.extend(["_No run has reached its last epoch yet._", ""])
 
@@ -85,7 +86,7 @@ def write_report(experiment, out=None, evaluator: str = "default") -> Path:
 
     if study is not None and study.kind in ("optuna", "random"):
         _search_section(md, df, evaluator, figure)
-    (out / REPORT).write_text("\n".join(md).rstrip() + "\n")
+    atomic_write(out / REPORT, "\n".join(md).rstrip() + "\n")
     return out / REPORT
 
 

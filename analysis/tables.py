@@ -1,6 +1,6 @@
 """The tables a paper needs, from load_experiment's frame, as Markdown and LaTeX.
 
-The protocol's number is the last epoch's test accuracy of each run (DESIGN section 4); a cell is
+The protocol's number is the last epoch's test accuracy of each run; a cell is
 mean +- std over the runs of that method and noise rate (the seeds; std with ddof=1, as papers
 report a sample std). Runs that have not reached their last epoch are left out and counted in the
 caption, so a table of a running study is honest about what it averages.
@@ -67,11 +67,6 @@ class Table:
     def __bool__(self) -> bool:
         return bool(self.rows)
 
-    def frame(self) -> pd.DataFrame:
-        """The table as text cells (for display)."""
-        return pd.DataFrame([[self._cell(r, c) for c in self.columns] for r in self.rows],
-                            index=pd.Index(self.rows, name=self.row_header), columns=self.columns)
-
     def _cell(self, r, c, latex=False) -> str:
         cell = self.cells.get((r, c))
         return cell.text(self.digits, latex) if cell else ("--" if latex else DASH)
@@ -118,11 +113,12 @@ def method_order(df: pd.DataFrame) -> list[str]:
         order = [v["name"] for v in study.variants]
         return [m for m in order if m in present] + [m for m in present if m not in order]
     firsts = df.groupby("method", sort=False)["blocks"].first() if "blocks" in df else None
-    key = (lambda m: (_num(firsts.get(m)), m)) if firsts is not None else (lambda m: (0, m))
+    key = (lambda m: (_number_or_last(firsts.get(m)), m)) if firsts is not None else (lambda m: (0, m))
     return sorted(present, key=key)
 
 
-def _num(v) -> float:
+def _number_or_last(v) -> float:
+    """A sort key: the number, or infinity (after every number) for what is none."""
     try:
         return float(v)
     except (TypeError, ValueError):

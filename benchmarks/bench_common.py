@@ -1,6 +1,6 @@
 """Shared pieces of the benchmarks: machine info, timing, peak memory, DTD-shaped generated data.
 
-Scripts in this folder import it as `bench_common` (Python puts the script's folder on sys.path).
+Benchmarks import it as `benchmarks.bench_common` (they run as modules from the repository root).
 """
 
 from __future__ import annotations
@@ -140,8 +140,7 @@ class PeakMemory:
 
 def make_dtd_tree(root, classes=DTD_CLASSES, counts=None, size: int = 64) -> Path:
     """A CoOp-layout DTD of generated images under root (the data_root); skipped when already there."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from helpers import make_coop_tree
+    from rsnl.testing import make_coop_tree
     counts = counts or DTD_COUNTS
     root = Path(root)
     marker = root / f".generated-{len(classes)}-{counts['train']}-{counts['val']}-{counts['test']}-{size}"

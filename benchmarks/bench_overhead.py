@@ -11,8 +11,8 @@ trainer and feature bank), and prints:
               computes the same numbers (the study runs `slots` trials at once)
 The stand-in and the image features come from the cache (built before the timed run if missing).
 
-    python benchmarks/bench_overhead.py                          # fmnist-ablation, 2 CPU cores
-    python benchmarks/bench_overhead.py --preset quickstart --no-plain
+    python -m benchmarks.bench_overhead                          # fmnist-ablation, 2 CPU cores
+    python -m benchmarks.bench_overhead --preset quickstart --no-plain
 """
 
 from __future__ import annotations
@@ -31,10 +31,9 @@ for key, value in {"HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled", "RAY_USAG
                    "TQDM_DISABLE": "1"}.items():
     os.environ.setdefault(key, value)
 
-from bench_common import REPO, machine_info
-from bench_study import output_to
+from benchmarks.bench_common import machine_info
+from benchmarks.bench_study import output_to
 
-sys.path.insert(0, str(REPO))
 
 
 def trial_compute(exp: Path) -> dict[str, float]:
@@ -52,7 +51,8 @@ def trial_compute(exp: Path) -> dict[str, float]:
 
 def plain_loop(study) -> tuple[float, int]:
     """The study's runs one after another in this process: (seconds, runs)."""
-    from rsnl.train import build_trainer, load_inputs
+    from rsnl.inputs import load_inputs
+    from rsnl.trainer import build_trainer
     configs = [cfg for point in study.grid_points() for _, cfg in study.trial_configs(point)]
     inputs = {}
     start = time.perf_counter()
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
 
     import launch
     from rsnl.config import TrialConfig
-    from rsnl.train import load_inputs, prepare_weights
+    from rsnl.inputs import load_inputs, prepare_weights
     from tune.study import load_study
 
     sets = [f"cache_dir={args.cache}"] if args.cache else []

@@ -14,8 +14,8 @@ fraction of a CPU or GPU per trial, then reads the trials' result.json files:
                    (wall time minus Tune's tuning loop)
 Ray's and Tune's own output goes to a log file (its tail is printed when the study fails).
 
-    python benchmarks/bench_study.py                              # 4 trials, 0.5 CPU each (2 CPU cores)
-    python benchmarks/bench_study.py --device cuda --gpus-per-trial 0.25 --trials 4
+    python -m benchmarks.bench_study                              # 4 trials, 0.5 CPU each (2 CPU cores)
+    python -m benchmarks.bench_study --device cuda --gpus-per-trial 0.25 --trials 4
 """
 
 from __future__ import annotations
@@ -36,9 +36,8 @@ for key, value in {"HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled", "RAY_USAG
 
 import yaml
 
-from bench_common import REPO, machine_info, median
+from benchmarks.bench_common import machine_info, median
 
-sys.path.insert(0, str(REPO))
 
 
 def study_yaml(args, storage: Path, cache: Path) -> dict:

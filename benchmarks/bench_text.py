@@ -9,8 +9,8 @@ Forward + backward of cross-entropy on a batch of 32 fixed image features, throu
 All three share the same tower and the same context parameter; rounds interleave the paths, the first
 round is a warm-up, and the median of the rest is reported.
 
-    python benchmarks/bench_text.py                      # RN50, 6 blocks x 47 classes, n_ctx 16, CPU
-    python benchmarks/bench_text.py --device cuda --reps 20
+    python -m benchmarks.bench_text                      # RN50, 6 blocks x 47 classes, n_ctx 16, CPU
+    python -m benchmarks.bench_text --device cuda --reps 20
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 import torch.nn.functional as F
 
-from bench_common import DTD_CLASSES, fmt_times, machine_info, median, quiet_open_clip, timed
-from reference_loop import ReferenceCLIP
-from rsnl.models import PromptMatrix, load_clip_full
-from rsnl.train import autocast_dtype
+from benchmarks.bench_common import DTD_CLASSES, fmt_times, machine_info, median, quiet_open_clip, timed
+from benchmarks.reference_loop import ReferenceCLIP
+from rsnl.device import autocast_dtype
+from rsnl.models import PromptMatrix, load_clip
 
 def text_steps(model, tokenizer, classnames, blocks: int, n_ctx: int = 16, device="cpu", amp=None, batch: int = 32):
     """{path: step()} for the paths of the module docstring, plus token counts {path: tokens}."""
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     print(machine_info(args.device), flush=True)
     with quiet_open_clip():
-        clip = load_clip_full(args.backbone, None, device)
+        clip = load_clip(args.backbone, None, device)
     amp = autocast_dtype(args.precision, device)
     classnames = DTD_CLASSES[: args.classes]
     steps, tokens = text_steps(clip.model, clip.tokenizer, classnames, args.blocks, args.n_ctx, device, amp)

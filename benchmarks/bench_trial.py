@@ -22,9 +22,9 @@ memory of each path, and the one-time feature-cache cost (timed on a subset of t
 the full bank; image forward passes compared with the reference's per-epoch passes).
 The last line is `ratio=<reference / fast seconds per epoch>` for the largest block count (6).
 
-    python benchmarks/bench_trial.py                  # CPU, blocks 1 and 6: 4 min on 2 idle cores
-    python benchmarks/bench_trial.py --device cuda --workers 4 --fast-epochs 5 --ref-steps 5
-    python benchmarks/bench_trial.py --smoke          # rsnl-tiny, 5 classes: seconds (CI)
+    python -m benchmarks.bench_trial                  # CPU, blocks 1 and 6: 4 min on 2 idle cores
+    python -m benchmarks.bench_trial --device cuda --workers 4 --fast-epochs 5 --ref-steps 5
+    python -m benchmarks.bench_trial --smoke          # rsnl-tiny, 5 classes: seconds (CI)
 """
 
 from __future__ import annotations
@@ -44,17 +44,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench_common import (DTD_CLASSES, DTD_COUNTS, PeakMemory, fmt_times, machine_info, make_dtd_tree, median,
+from benchmarks.bench_common import (DTD_CLASSES, DTD_COUNTS, PeakMemory, fmt_times, machine_info, make_dtd_tree, median,
                           quiet_open_clip, timed)
-from bench_text import report as text_report
-from bench_text import text_steps, time_paths
-from reference_loop import ReferenceTrainer
+from benchmarks.bench_text import report as text_report
+from benchmarks.bench_text import text_steps, time_paths
+from benchmarks.reference_loop import ReferenceTrainer
 from rsnl.config import TrialConfig
 from rsnl.data import Dataset, load_dataset
 from rsnl.features import FeatureBank, build_feature_bank
-from rsnl.models import load_clip_full
+from rsnl.models import load_clip
 from rsnl.similarity import selection_metrics
-from rsnl.train import autocast_dtype, build_trainer
+from rsnl.device import autocast_dtype
+from rsnl.trainer import build_trainer
 
 REAL_DTD = {"train": 2820, "val": 1128, "test": 1692}  # CoOp's DTD split
 
@@ -249,7 +250,7 @@ def main(argv=None) -> int:
         root = make_dtd_tree(Path(args.workdir or tmp) / "data", DTD_CLASSES[: args.classes], counts, args.image_size)
         ds = load_dataset("dtd", str(root))
         with quiet_open_clip():
-            clip = load_clip_full(args.backbone, None, device)
+            clip = load_clip(args.backbone, None, device)
         amp = autocast_dtype(args.precision, device)
         precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp]
         print(f"# data: {len(ds.train)} / {len(ds.val)} / {len(ds.test)} generated images (train/val/test) "

@@ -8,7 +8,7 @@
 #    pip --no-index --find-links, the installed torch (and torchvision) pinned so that pip never replaces
 #    them; nothing when everything imports already. Wheel list: benchmarks/README.md.
 # 3. the CUDA-relevant tests: tests/test_reference.py (its cuda tests run here) and tests/test_models.py
-# 4. python benchmarks/bench_trial.py --device cuda (reference vs fast path, blocks 1 and 6, bf16 autocast)
+# 4. python -m benchmarks.bench_trial --device cuda (reference vs fast path, blocks 1 and 6, bf16 autocast)
 # 5. a study of four trials at 0.25 GPU each through launch.py (benchmarks/bench_study.py)
 # 6. nvidia-smi (after)
 # Logs go to $OUT (when set) or ./gpu_check_out: one file per step and summary.txt. Exit status: the
@@ -112,8 +112,8 @@ fi
 
 # --- checks --------------------------------------------------------------------------------------
 step tests 100 "$PY" -m pytest -q -p no:cacheprovider tests/test_reference.py tests/test_models.py
-step bench_trial 110 "$PY" benchmarks/bench_trial.py "${TRIAL_ARGS[@]}"
-step bench_study 100 "$PY" benchmarks/bench_study.py "${STUDY_ARGS[@]}"
+step bench_trial 110 "$PY" -m benchmarks.bench_trial "${TRIAL_ARGS[@]}"
+step bench_study 100 "$PY" -m benchmarks.bench_study "${STUDY_ARGS[@]}"
 
 nvidia-smi > "$LOGS/nvidia-smi-after.txt" 2>&1
 head -n 15 "$LOGS/nvidia-smi-after.txt"

@@ -1,7 +1,8 @@
-"""The trial configuration: one validated dataclass (DESIGN sections 3-4 give the defaults).
+"""The trial configuration: one validated dataclass; its defaults are the DTD protocol (docs/method.md).
 
 Every problem is reported as one line naming the key and what is allowed, before anything costly
-starts. Values from YAML or `--set key=value` go through the same checks.
+starts. Values from YAML or `--set key=value` go through the same checks. The allowed values of the
+choice keys are defined here once; the modules that implement them dispatch on these names.
 """
 
 from __future__ import annotations
@@ -16,9 +17,16 @@ from typing import Any
 
 import yaml
 
+from rsnl.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A bad configuration value; the message is one line naming the key."""
+
+# The choice keys' allowed values (the modules that implement them read these names too).
+NOISE_TYPES = ("ptnl", "symmetric", "pairflip")       # rsnl/noise.py
+SELECTORS = ("gmm", "ratio", "ot", "none")            # rsnl/similarity.py, rsnl/ot.py
+LOSSES = ("ce", "gce", "mae", "ce+mae")               # rsnl/trainer.py
+OT_COSTS = ("neg_log_prob", "neg_prob")               # rsnl/ot.py
+CLASS_TOKEN_POSITIONS = ("end", "middle", "front")    # rsnl/models.py
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")         # rsnl/device.py
 
 
 def _choices(*allowed):
@@ -37,7 +45,7 @@ class TrialConfig:
     download: bool = field(default=False, metadata={"help": "download the dataset if missing (needs network)"})
     shots: int = field(default=16, metadata=_range(1))
     val_shots: int | None = field(default=None, metadata={**_range(1), "help": "val sample per class (None: shots)"})
-    noise_type: str = field(default="ptnl", metadata=_choices("ptnl", "symmetric", "pairflip"))
+    noise_type: str = field(default="ptnl", metadata=_choices(*NOISE_TYPES))
     noise_rate: float = field(default=0.0, metadata=_range(0.0, 1.0, hi_open=True))
     seed: int = field(default=1, metadata=_range(0))
     noise_file: str | None = field(default=None, metadata={
@@ -49,7 +57,7 @@ class TrialConfig:
     n_ctx: int = field(default=16, metadata=_range(1, 64))
     ctx_init: str | None = None
     csc: bool = False
-    class_token_position: str = field(default="end", metadata=_choices("end", "middle", "front"))
+    class_token_position: str = field(default="end", metadata=_choices(*CLASS_TOKEN_POSITIONS))
     # optimisation
     epochs: int = field(default=50, metadata=_range(1))
     batch_size: int = field(default=32, metadata=_range(1))
@@ -58,25 +66,35 @@ class TrialConfig:
     weight_decay: float = field(default=5e-4, metadata=_range(0.0))
     warmup_epochs: int = field(default=1, metadata=_range(0))
     warmup_lr: float = field(default=1e-5, metadata=_range(0.0, lo_open=True))
-    loss: str = field(default="ce", metadata={**_choices("ce", "gce", "mae", "ce+mae"),
+    warmup_recount: bool = field(default=False, metadata={
+        "help": "restart the cosine count after warm-up, as Dassl (CoOp's and the original code's trainer) does"})
+    loss: str = field(default="ce", metadata={**_choices(*LOSSES),
                                               "help": "ce+mae: cross-entropy on kept samples, MAE on the rest"})
-    gce_q: float = field(default=0.7, metadata=_range(0.0, 1.0, lo_open=True))
+    gce_q: float = field(default=0.5, metadata={**_range(0.0, 1.0, lo_open=True),
+                                                "help": "GCE's q (0.5, as PTNL's trainer)"})
+    drop_last: bool = field(default=False, metadata={
+        "help": "drop each epoch's last incomplete batch of kept samples (the original code does)"})
     # robust similarity and selection
     alpha_base: float = field(default=0.2, metadata=_range(0.0, 1.0))
     alpha_rate: float = field(default=35.0, metadata=_range(0.0, lo_open=True))
-    selector: str = field(default="gmm", metadata={**_choices("gmm", "ratio", "ot", "none"),
+    alpha_lag: int = field(default=0, metadata={**_range(0, 1), "help": "1: epoch e uses alpha(max(e - 1, 0)), "
+                                                                        "as the original code does"})
+    selector: str = field(default="gmm", metadata={**_choices(*SELECTORS),
                                                    "help": "ot: NLPrompt's PromptOT (rsnl/ot.py)"})
     select_ratio: float = field(default=0.5, metadata=_range(0.0, 1.0, lo_open=True))
     gmm_threshold: float = field(default=0.5, metadata=_range(0.0, 1.0))
     gmm_reg_covar: float = field(default=5e-4, metadata=_range(0.0, lo_open=True))
+    gmm_max_iter: int = field(default=100, metadata={**_range(1), "help": "EM iterations (the original code: 10)"})
+    gmm_tol: float = field(default=1e-3, metadata={**_range(0.0, lo_open=True),
+                                                   "help": "EM convergence tolerance (the original code: 1e-2)"})
     ot_eps: float = field(default=0.01, metadata={**_range(0.0, lo_open=True), "help": "entropic OT's epsilon"})
-    ot_cost: str = field(default="neg_log_prob", metadata={**_choices("neg_log_prob", "neg_prob"),
+    ot_cost: str = field(default="neg_log_prob", metadata={**_choices(*OT_COSTS),
                                                            "help": "OT cost: -log p (the paper) or -p (its code)"})
     # features and runtime
     aug_views: int = field(default=10, metadata={**_range(0), "help": "precomputed augmented views per image"})
     aug_scale: float = field(default=0.08, metadata={**_range(0.0, 1.0, lo_open=True),
                                                      "help": "smallest crop area of the random resized crop"})
-    precision: str = field(default="auto", metadata=_choices("auto", "fp32", "bf16", "fp16"))
+    precision: str = field(default="auto", metadata=_choices(*PRECISIONS))
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     cache_dir: str | None = field(default=None, metadata={"help": "feature cache (None: $RSNL_CACHE or ~/.cache/rsnl)"})
     feature_batch_size: int = field(default=64, metadata=_range(1))
@@ -119,8 +137,12 @@ class TrialConfig:
         return cls(**values)
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike, overrides: list[str] | None = None) -> "TrialConfig":
-        values = load_yaml(path)
+    def from_yaml(cls, *paths: str | os.PathLike, overrides: list[str] | None = None) -> "TrialConfig":
+        """Layered YAML files (later ones win, e.g. a dataset file then a method file), then `key=value`
+        overrides."""
+        values = {}
+        for path in paths:
+            values.update(load_yaml(path))
         values.update(parse_overrides(overrides or []))
         return cls.from_dict(values)
 
@@ -190,6 +212,17 @@ def _type_name(tp) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[tp]
 
 
+def _has_type(value, base: type) -> bool:
+    """bool is an int in Python, but true is not a number of epochs; an int is a fine float."""
+    if base is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if base is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, base)
+
+
 def _check(f: dataclasses.Field, value):
     """Type and range check of one field; returns the value coerced where lossless (int -> float)."""
     tp = f.type if isinstance(f.type, str) else f.type.__name__
@@ -199,11 +232,7 @@ def _check(f: dataclasses.Field, value):
         if optional:
             return None
         raise ConfigError(f"{f.name}: must be {_type_name(base)}, got null")
-    ok = (isinstance(value, bool) if base is bool
-          else isinstance(value, (int, float)) and not isinstance(value, bool) if base is float
-          else isinstance(value, int) and not isinstance(value, bool) if base is int
-          else isinstance(value, str))
-    if not ok:
+    if not _has_type(value, base):
         raise ConfigError(f"{f.name}: must be {_type_name(base)}, got {value!r}")
     if base is float:
         value = float(value)
@@ -213,10 +242,17 @@ def _check(f: dataclasses.Field, value):
                           f"allowed: {', '.join(meta['choices'])}")
     if "range" in meta:
         lo, hi, lo_open, hi_open = meta["range"]
-        if (value != value or (lo is not None and (value < lo or (lo_open and value == lo)))
-                or (hi is not None and (value > hi or (hi_open and value == hi)))):
+        if not _in_range(value, lo, hi, lo_open, hi_open):
             raise ConfigError(f"{f.name}: {value!r} is out of range; allowed: {_interval(lo, hi, lo_open, hi_open)}")
     return value
+
+
+def _in_range(value, lo, hi, lo_open, hi_open) -> bool:
+    if value != value:  # NaN
+        return False
+    above_lo = lo is None or value > lo or (value == lo and not lo_open)
+    below_hi = hi is None or value < hi or (value == hi and not hi_open)
+    return above_lo and below_hi
 
 
 def _interval(lo, hi, lo_open, hi_open) -> str:

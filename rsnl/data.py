@@ -1,7 +1,7 @@
 """Datasets: lists of image files (or in-memory arrays) with labels, split into train / val / test.
 
 Four sources, one result type (`Dataset` of three `ImageSet`s):
-  * CoOp layout (the main path, DESIGN.md section 4): `<root>/<dataset_dir>/<split_json>` with rows
+  * CoOp layout (the main path, the protocol of docs/method.md): `<root>/<dataset_dir>/<split_json>` with rows
     `[impath, label, classname]` per split, impath relative to `<root>/<dataset_dir>/<image_dir>`.
     Every CoOp dataset that ships such a JSON is one line in `COOP_DATASETS`.
   * DTD in torchvision's layout (`<root>/dtd/dtd/images` + `labels/`), also reachable by download.
@@ -10,7 +10,7 @@ Four sources, one result type (`Dataset` of three `ImageSet`s):
   * `imagefolder`: `<root>/{train,val,test}/<class>/*.jpg` for one's own data.
 
 Loading only builds file lists (no image is decoded), so it takes milliseconds even for large
-datasets; `verify_images` is the explicit, slower check that every file decodes, run before training.
+datasets; an image is decoded when its features are computed, and a bad one is named then.
 Every problem with data is a `DataError` with one line that names the path or key and how to fix it.
 This module imports no Ray and no open_clip; torchvision and sklearn are imported only where used.
 """
@@ -21,6 +21,7 @@ import difflib
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable
@@ -28,16 +29,10 @@ from typing import Callable
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from rsnl.errors import DataError
+
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-
-
-class DataError(ValueError):
-    """One-line, user-facing problem with data: names the path/key and how to fix it."""
-
-    def __init__(self, message: str):
-        # One line always: messages interpolate paths and library errors that may contain newlines.
-        super().__init__(" ".join(str(message).split()))
 
 
 def _one_line(err: BaseException) -> str:
@@ -83,7 +78,10 @@ class ImageSet:
         """Image i as RGB; an unreadable or corrupt file raises DataError naming the file."""
         src = self.sources[i]
         if isinstance(src, np.ndarray):
-            return Image.fromarray(np.ascontiguousarray(src, dtype=np.uint8)).convert("RGB")
+            if not (src.ndim == 2 or (src.ndim == 3 and src.shape[2] == 3)) or src.dtype != np.uint8:
+                raise DataError(f"in-memory image {self.name} #{i} has shape {src.shape} dtype {src.dtype}; "
+                                "expected HxW (greyscale) or HxWx3 uint8")
+            return Image.fromarray(src).convert("RGB")
         try:
             with Image.open(src) as im:
                 return im.convert("RGB")  # convert() decodes fully, so the file can be closed
@@ -127,9 +125,6 @@ class Dataset:
     val: ImageSet
     test: ImageSet
 
-    def splits(self) -> dict[str, ImageSet]:
-        return {"train": self.train, "val": self.val, "test": self.test}
-
 
 def _bad_image_message(imageset: ImageSet, i: int, path, err: BaseException) -> str:
     return (
@@ -140,27 +135,6 @@ def _bad_image_message(imageset: ImageSet, i: int, path, err: BaseException) -> 
 
 # --------------------------------------------------------------------------------------------------
 # Checks used before training
-
-
-def verify_images(imageset: ImageSet, indices=None) -> None:
-    """Decode every listed image (all by default); DataError naming the first bad one."""
-    for i in range(len(imageset)) if indices is None else indices:
-        i = int(i)
-        src = imageset.sources[i]
-        if isinstance(src, np.ndarray):
-            if not (src.ndim == 2 or (src.ndim == 3 and src.shape[2] == 3)) or src.dtype != np.uint8:
-                raise DataError(
-                    f"in-memory image {imageset.name} #{i} has shape {src.shape} dtype {src.dtype}; "
-                    "expected HxW (greyscale) or HxWx3 uint8"
-                )
-            continue
-        try:
-            with Image.open(src) as im:
-                im.verify()  # structure check; verify() leaves the image unusable, so reopen to decode
-            with Image.open(src) as im:
-                im.load()  # catches truncated data that verify() does not see (JPEG)
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
-            raise DataError(_bad_image_message(imageset, i, src, err)) from None
 
 
 def check_shots(labels: np.ndarray, classnames, shots: int, split: str) -> None:
@@ -292,7 +266,7 @@ def load_coop(name: str, root: str | None, dataset_dir: str, image_dir: str, spl
         rows = content[split]
         sources = [os.path.join(image_root, row[0]) for row in rows]
         # One stat per split, not per image: catches a wrong image_dir at once while staying O(1);
-        # a single missing file is found by fingerprint() / verify_images().
+        # a single missing file is found by fingerprint() or when it is loaded.
         if sources and not os.path.isfile(sources[0]):
             raise DataError(
                 f"image {sources[0]} listed in {path} (key '{split}') not found; images must be under "
@@ -316,6 +290,9 @@ def load_dtd(root: str | None, download: bool = False) -> Dataset:
     tv_images = os.path.join(root, "dtd", "dtd", "images")
     tv_labels = os.path.join(root, "dtd", "dtd", "labels")
     if os.path.isfile(coop_json):
+        # CoOp's split wherever the images are: CoOp's folder, else torchvision's (same <class>/<file> names)
+        if not os.path.isdir(os.path.join(root, dataset_dir, image_dir)) and os.path.isdir(tv_images):
+            image_dir = os.path.relpath(tv_images, os.path.join(root, dataset_dir))
         return load_coop("dtd", root, dataset_dir, image_dir, split_json)
     if not (os.path.isdir(tv_images) and os.path.isdir(tv_labels)):
         if not download:
@@ -326,7 +303,20 @@ def load_dtd(root: str | None, download: bool = False) -> Dataset:
                 f"{COOP_DOCS_URL}) or set download: true to fetch torchvision's layout (needs a network)"
             )
         _download_dtd(root)
+    _note_once(f"DTD: using torchvision's partition 1 under {os.path.dirname(tv_images)}; it is not CoOp's "
+               f"split_zhou, so accuracies do not compare with published ones; put {split_json} in "
+               f"{os.path.join(root, dataset_dir)} to use CoOp's split")
     return _load_dtd_torchvision(root)
+
+
+_noted: set[str] = set()
+
+
+def _note_once(line: str) -> None:
+    """A one-line notice on stderr, once per process (datasets are loaded by preflight and again by workers)."""
+    if line not in _noted:
+        _noted.add(line)
+        print(f"rsnl: note: {line}", file=sys.stderr, flush=True)
 
 
 def _download_dtd(root: str) -> None:
@@ -441,7 +431,7 @@ FASHION_MNIST_WAYS = (f"install Debian's package (apt-get install dataset-fashio
 def _fashion_mnist_folders(root: str | None) -> list[str]:
     """Where the files may be, in order: data_root (torchvision's layout, or the files directly),
     Debian's package, and the download folder in rsnl's cache."""
-    from rsnl.features import default_cache_dir
+    from rsnl.files import default_cache_dir
     out = []
     if root:
         root = os.path.abspath(os.path.expanduser(str(root)))
@@ -498,7 +488,7 @@ def _download_fashion_mnist() -> None:
 
     from torchvision.datasets import FashionMNIST
 
-    from rsnl.features import default_cache_dir
+    from rsnl.files import default_cache_dir
     target = os.path.join(str(default_cache_dir()), "data")
     mirror = urlsplit(FashionMNIST.mirrors[0])
     port = mirror.port or (443 if mirror.scheme == "https" else 80)

@@ -1,4 +1,4 @@
-"""Frozen image features, computed once and cached on disk by content (DESIGN sections 5 and 7).
+"""Frozen image features, computed once and cached on disk by content (docs/performance.md).
 
 The image tower never gets gradients, so its outputs for the test view of every image and for a fixed
 set of augmented training views are computed once and reused by every epoch of every trial. A cache
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,14 +20,11 @@ import torch
 import torch.nn.functional as F
 from torchvision import transforms as T
 
-from rsnl.data import DataError, Dataset, ImageSet
-from rsnl.files import atomic_write, locked
+from rsnl.data import Dataset, ImageSet
+from rsnl.errors import DataError
+from rsnl.files import atomic_write, default_cache_dir, locked
 
 FORMAT = 1  # bump when the stored content changes meaning
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("RSNL_CACHE") or Path.home() / ".cache" / "rsnl")
 
 
 @dataclass

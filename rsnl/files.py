@@ -1,5 +1,5 @@
-"""Writes that survive a kill: one atomic write for every file rsnl owns, and a lock that dies with
-its holder.
+"""Where rsnl keeps its files, and writes that survive a kill: one atomic write for every file rsnl owns,
+and a lock that dies with its holder.
 
 A file is written to a temporary name in its own folder, flushed to disk, then renamed over the old
 one, so a reader (or a resumed run) sees the old content or the new, never half of it, and no
@@ -15,6 +15,11 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Callable
+
+
+def default_cache_dir() -> Path:
+    """Features, the stand-in VLM and downloaded data: $RSNL_CACHE, else ~/.cache/rsnl."""
+    return Path(os.environ.get("RSNL_CACHE") or Path.home() / ".cache" / "rsnl")
 
 
 def atomic_write(path, content: bytes | str | Callable[[io.BufferedWriter], None]) -> Path:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rsnl.data import DataError
+from rsnl.errors import DataError
 from rsnl.files import atomic_write
 from rsnl.noise import NoisySample
 

@@ -1,4 +1,4 @@
-"""open_clip loading and the prompt matrix (DESIGN section 3, text side; section 7 for the fast path).
+"""open_clip loading and the prompt matrix (the method: docs/method.md; the fast text path: docs/performance.md).
 
 `load_clip` resolves weights before building anything, so that a missing download is one line in
 seconds rather than minutes of hub retries. `PromptMatrix` holds the m x context vectors and encodes
@@ -7,6 +7,7 @@ all m x C prompts in one call of the frozen text tower.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -21,6 +22,8 @@ import torch.nn.functional as F
 
 import open_clip
 
+from rsnl.config import CLASS_TOKEN_POSITIONS
+from rsnl.errors import ModelError
 from rsnl.pretrain import TAGS as STANDIN_TAGS
 from rsnl.pretrain import ensure_standin, is_standin, standin_tags
 
@@ -30,20 +33,12 @@ _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 INIT_SEED = 0  # random-init backbones are seeded so that every trial of a study sees the same tower
 
 
-class ModelError(ValueError):
-    """A model or weights problem; the message is one line saying what is missing and how to get it."""
-
-
 def _register_configs():
     if TINY not in open_clip.list_models():
         open_clip.add_model_config(_CONFIG_DIR)
 
 
 _register_configs()
-
-
-def list_backbones() -> list[str]:
-    return open_clip.list_models()
 
 
 def check_backbone(name: str, pretrained: str | None) -> None:
@@ -84,19 +79,14 @@ class LoadedClip:
     identity: str            # names the exact weights; part of every feature-cache key
 
 
-def load_clip(name: str, pretrained: str | None = None, device: str | torch.device = "cpu"):
-    """Build an open_clip model -> (model, preprocess, tokenizer), frozen and in eval mode.
+def load_clip(name: str, pretrained: str | None = None, device="cpu", cache_dir=None) -> LoadedClip:
+    """An open_clip model, frozen and in eval mode, with its preprocess, tokenizer and weights' identity.
 
     pretrained: an open_clip tag (e.g. 'openai'), rsnl's stand-in tag ('fashion-mnist' for rsnl-tiny,
-    built on first use by rsnl.pretrain), a local checkpoint file, or None for random init (seeded with
+    built on first use by rsnl.pretrain into `cache_dir`, default $RSNL_CACHE), a local checkpoint file
+    (open_clip's formats or OpenAI's TorchScript archive), or None for random init (seeded with
     INIT_SEED, so the same weights in every process).
     """
-    loaded = load_clip_full(name, pretrained, device)
-    return loaded.model, loaded.preprocess, loaded.tokenizer
-
-
-def load_clip_full(name: str, pretrained: str | None = None, device="cpu", cache_dir=None) -> LoadedClip:
-    """As load_clip, with the weights' identity; `cache_dir` holds rsnl's stand-in (default $RSNL_CACHE)."""
     check_backbone(name, pretrained)
     kwargs = {}
     if pretrained is None:
@@ -165,17 +155,20 @@ def load_torchscript_weights(model: nn.Module, path) -> None:
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=True)
 
 
-class quiet_random_init(logging.Filter):
-    """open_clip warns on the root logger for every random-init model; here random init is asked for."""
-
+class _NoRandomInitWarning(logging.Filter):
     def filter(self, record):
         return "No pretrained weights loaded" not in record.getMessage()
 
-    def __enter__(self):
-        logging.getLogger().addFilter(self)
 
-    def __exit__(self, *exc):
-        logging.getLogger().removeFilter(self)
+@contextlib.contextmanager
+def quiet_random_init():
+    """open_clip warns on the root logger for every random-init model; here random init is asked for."""
+    quiet = _NoRandomInitWarning()
+    logging.getLogger().addFilter(quiet)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(quiet)
 
 
 def _file_digest(path: str) -> str:
@@ -260,8 +253,9 @@ class PromptMatrix(nn.Module):
                  ctx_init: str | None = None, csc: bool = False, class_token_position: str = "end",
                  fast: bool = True, generator: torch.Generator | None = None):
         super().__init__()
-        if class_token_position not in ("end", "middle", "front"):
-            raise ValueError(f"class_token_position {class_token_position!r}: allowed end, middle, front")
+        if class_token_position not in CLASS_TOKEN_POSITIONS:
+            raise ValueError(f"class_token_position {class_token_position!r}: allowed "
+                             f"{', '.join(CLASS_TOKEN_POSITIONS)}")
         tower = _text_tower(clip_model)
         # Frozen parts are held outside the module's parameters: only ctx is trained or checkpointed.
         object.__setattr__(self, "tower", tower)
@@ -354,7 +348,7 @@ class PromptMatrix(nn.Module):
 
     def _prefix_shared(self) -> torch.Tensor:
         """Exact: causal attention lets the per-block prefix be computed once and attended to by all
-        class suffixes (DESIGN section 7)."""
+        class suffixes (docs/performance.md)."""
         t = self.tower
         m, C, P = self.blocks, self.num_classes, 1 + self.n_ctx
         S = self.length - P

@@ -1,4 +1,4 @@
-"""Few-shot sampling with injected label noise (DESIGN section 4).
+"""Few-shot sampling with injected label noise (the noise types are defined in docs/method.md).
 
 Every sampler is a pure function of (labels, shots, rate, type, seed): the same seed always gives the
 same images and the same wrong labels, so seeds are comparable across methods and studies.
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-NOISE_TYPES = ("ptnl", "symmetric", "pairflip")
+from rsnl.config import NOISE_TYPES
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ import math
 import numpy as np
 import torch
 
-OT_COSTS = ("neg_log_prob", "neg_prob")
+from rsnl.config import OT_COSTS
+
 TOL, MAX_ITER = 1e-6, 1000  # NLPrompt's settings (POT's stopThr and numItermax)
 
 

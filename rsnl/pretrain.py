@@ -95,7 +95,7 @@ def standin_tags(backbone: str) -> list[str]:
 
 
 def standin_path(backbone: str, tag: str, cache_dir=None) -> Path:
-    from rsnl.features import default_cache_dir
+    from rsnl.files import default_cache_dir
     recipe = TAGS[tag][1]
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     return root / "standin" / f"{backbone}-{tag}-{recipe.digest(backbone)}.safetensors"
@@ -265,8 +265,9 @@ def main(argv=None) -> int:
                    help="write here instead of the cache; load it with pretrained: FILE.safetensors")
     p.add_argument("--data-root", help="folder with Fashion-MNIST (default: $RSNL_DATA, Debian's package, the cache)")
     args = p.parse_args(argv)
-    from rsnl.data import DataError, load_dataset
-    from rsnl.models import ModelError, load_clip_full
+    from rsnl.data import load_dataset
+    from rsnl.errors import DataError, ModelError
+    from rsnl.models import load_clip
 
     changes = {k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None}
     try:
@@ -284,9 +285,9 @@ def main(argv=None) -> int:
             print(f"[rsnl] pretraining {args.backbone} with {recipe} into {args.out}", flush=True)
             stats = pretrain(args.backbone, recipe, args.out, args.data_root)
             print(f"[rsnl] done in {stats['seconds']:.0f}s, final loss {stats['final_loss']:.3f}", flush=True)
-            clip = load_clip_full(args.backbone, args.out)
+            clip = load_clip(args.backbone, args.out)
         else:
-            clip = load_clip_full(args.backbone, args.tag)
+            clip = load_clip(args.backbone, args.tag)
             print(f"[rsnl] stand-in {args.backbone}/{args.tag}: {standin_path(args.backbone, args.tag)}", flush=True)
     except (DataError, ModelError) as e:
         print(f"rsnl: error: {e}", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""Robust similarity and clean-sample selection (DESIGN section 3).
+"""Robust similarity and clean-sample selection (docs/method.md states the rule and where it differs from
+the original code).
 
 G_i = alpha * z(p)_i + (1 - alpha) * z(g)_i, z-scored within each noisy class, where
 p_i = mean_b cos(f_i, t_{b, y~_i}) is the prompt similarity and g_i = -mean_j ||f_i - f_j|| over the
@@ -13,7 +14,7 @@ import math
 import numpy as np
 import torch
 
-SELECTORS = ("gmm", "ratio", "none")
+from rsnl.config import SELECTORS
 
 
 def alpha_schedule(epoch: int, base: float = 0.2, rate: float = 35.0) -> float:
@@ -65,7 +66,7 @@ def robust_similarity(prompt_sim, feature_sim, alpha: float) -> np.ndarray:
 
 
 def select_clean(scores, labels, method: str = "gmm", threshold: float = 0.5, ratio: float = 0.5,
-                 reg_covar: float = 5e-4, seed: int = 0) -> np.ndarray:
+                 reg_covar: float = 5e-4, max_iter: int = 100, tol: float = 1e-3, seed: int = 0) -> np.ndarray:
     """Boolean keep-mask over samples, decided within each noisy class.
 
     gmm:   2-component Gaussian mixture on the scores; keep posterior(higher-mean component) >= threshold.
@@ -75,8 +76,8 @@ def select_clean(scores, labels, method: str = "gmm", threshold: float = 0.5, ra
     """
     scores = np.asarray(scores, dtype=np.float64)
     labels = np.asarray(labels)
-    if method not in SELECTORS:
-        raise ValueError(f"selector {method!r}: allowed {', '.join(SELECTORS)}")
+    if method not in SELECTORS or method == "ot":  # ot selects from class probabilities (rsnl/ot.py)
+        raise ValueError(f"selector {method!r}: allowed {', '.join(m for m in SELECTORS if m != 'ot')}")
     keep = np.ones(len(scores), dtype=bool)
     if method == "none":
         return keep
@@ -88,13 +89,14 @@ def select_clean(scores, labels, method: str = "gmm", threshold: float = 0.5, ra
             keep[idx] = False
             keep[idx[np.argsort(-s, kind="stable")[:k]]] = True
         elif len(idx) >= 4 and np.ptp(s) > 1e-12:
-            keep[idx] = _gmm_keep(s, threshold, reg_covar, seed)
+            keep[idx] = _gmm_keep(s, threshold, reg_covar, max_iter, tol, seed)
     return keep
 
 
-def _gmm_keep(s: np.ndarray, threshold: float, reg_covar: float, seed: int) -> np.ndarray:
+def _gmm_keep(s: np.ndarray, threshold: float, reg_covar: float, max_iter: int, tol: float,
+              seed: int) -> np.ndarray:
     from sklearn.mixture import GaussianMixture
-    gmm = GaussianMixture(n_components=2, reg_covar=reg_covar, max_iter=100, tol=1e-3, random_state=seed)
+    gmm = GaussianMixture(n_components=2, reg_covar=reg_covar, max_iter=max_iter, tol=tol, random_state=seed)
     x = s.reshape(-1, 1)
     gmm.fit(x)
     means = gmm.means_.ravel()

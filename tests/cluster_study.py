@@ -8,14 +8,11 @@ four run at once, two per worker.
 
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+import ray
+from ray.cluster_utils import Cluster
 
-import ray  # noqa: E402
-from ray.cluster_utils import Cluster  # noqa: E402
-
-from studies import grid_study, run  # noqa: E402
+from studies import grid_study, run  # tests/ is the script's folder, so Python finds it
 
 
 def main(storage: str, cache: str) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import make_coop_tree, make_imagefolder_tree, make_torchvision_dtd_tree
+from rsnl.testing import make_coop_tree, make_imagefolder_tree, make_torchvision_dtd_tree
 
 # No test may reach a model hub: pretrained weights come from files the tests make.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -54,9 +54,9 @@ def imagefolder_root(tmp_path):
 @pytest.fixture(scope="session")
 def tiny_clip():
     """One random-init rsnl-tiny (rsnl.models.LoadedClip), frozen; tests must not change its weights."""
-    from rsnl.models import load_clip_full
+    from rsnl.models import load_clip
 
-    return load_clip_full("rsnl-tiny", None)
+    return load_clip("rsnl-tiny", None)
 
 
 @pytest.fixture(scope="session")
@@ -108,9 +108,7 @@ def ray_env(tmp_path_factory):
     under the test's tmp dir. Returns the dict of variables (also set in os.environ)."""
     ray_tmp = tmp_path_factory.mktemp("ray")
     env = {"RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": str(ray_tmp), "RAY_USAGE_STATS_ENABLED": "0",
-           "HF_HUB_OFFLINE": "1",
-           # tune/trainable.py's fault hook: inert until a test writes this file
-           "RSNL_FAULT_FILE": str(ray_tmp / "fault.json")}
+           "HF_HUB_OFFLINE": "1"}
     os.environ.update(env)
     return env
 
@@ -182,7 +180,7 @@ def testbed_inputs(standin_cache):
     """(base TrialConfig, LoadedClip, FeatureBank) of the test-bed's dataset config (rsnl/configs/
     fashion-mnist.yaml) with the session's stand-in. Derive trial configs with cfg.replace(...)."""
     from rsnl.config import TrialConfig, load_yaml
-    from rsnl.train import load_inputs
+    from rsnl.inputs import load_inputs
 
     values = {**load_yaml(CONFIGS / "fashion-mnist.yaml"), "cache_dir": str(standin_cache), "device": "cpu",
               "download": False}

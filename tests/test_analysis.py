@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from faults import fail_once_at
 from studies import grid_study, run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,18 +135,14 @@ def test_running_trial_and_lagging_state_are_read_not_dropped(grid_experiment, t
 @pytest.fixture(scope="module")
 def failed_experiment(ray_session, ray_env, tmp_path_factory, study_cache):
     """A real one-trial grid study whose trial raises at epoch 1 and is not retried
-    (tune/trainable.py's fault hook: $RSNL_FAULT_FILE holding {"epoch": k})."""
+    (tests/faults.py)."""
     values = grid_study(tmp_path_factory.mktemp("failing"), study_cache, name="failing", epochs=2)
     values["search"]["params"] = {"noise_rate": {"grid": [0.5]}, "seed": {"grid": [1]}}
     values["variants"] = values["variants"][:1]
     values["max_failures"] = 0
-    fault = Path(ray_env["RSNL_FAULT_FILE"])
-    fault.write_text(json.dumps({"epoch": 1}))
-    try:
+    with fail_once_at(1, tmp_path_factory.mktemp("fault") / "fault.done") as fault:
         _, path, _ = run(values)
-    finally:
-        fault.unlink()
-        Path(str(fault) + ".done").unlink(missing_ok=True)
+    assert fault.exists(), "the fault fired"
     return path
 
 

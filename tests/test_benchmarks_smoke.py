@@ -7,19 +7,19 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-BENCH = REPO / "benchmarks"
 
 
-def run(*args, timeout=300) -> str:
+def run(module: str, *args, timeout=300) -> str:
+    """`python -m benchmarks.<module> ARGS` from the repository root, as the README runs them."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc.stdout
 
 
 def test_bench_trial_smoke():
-    out = run(BENCH / "bench_trial.py", "--smoke", "--threads", "1")
+    out = run("bench_trial", "--smoke", "--threads", "1")
     lines = out.splitlines()
     assert lines[-1].startswith("ratio=") and float(lines[-1].split("=", 1)[1]) > 0
     for needle in ("== blocks 1 ==", "== blocks 6 ==", "feature cache", "s/epoch", "ref77", "plain", "fast",
@@ -28,14 +28,14 @@ def test_bench_trial_smoke():
 
 
 def test_bench_text_smoke():
-    out = run(BENCH / "bench_text.py", "--backbone", "rsnl-tiny", "--classes", "5", "--blocks", "2", "--n-ctx", "4",
+    out = run("bench_text", "--backbone", "rsnl-tiny", "--classes", "5", "--blocks", "2", "--n-ctx", "4",
               "--reps", "1", "--ref-reps", "1", "--threads", "1")
     assert "ratios: ref77/fast" in out
     assert all(f"  {p} " in out for p in ("ref77", "plain", "fast"))
 
 
 def test_gpu_check_script_parses_and_explains_itself():
-    script = BENCH / "gpu_check.sh"
+    script = REPO / "benchmarks" / "gpu_check.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     help_ = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True)
     assert help_.returncode == 0 and "WHEELS_DIR" in help_.stdout
@@ -44,8 +44,7 @@ def test_gpu_check_script_parses_and_explains_itself():
 
 def test_bench_study_reads_tune_results(tmp_path):
     """bench_study's accounting on result.json rows as Tune writes them (the study itself needs Ray)."""
-    sys.path.insert(0, str(BENCH))
-    from bench_study import analyse, read_trials
+    from benchmarks.bench_study import analyse, read_trials
 
     for t in range(2):
         rows = [{"time_this_iter_s": 2.5 if e == 0 else 1.1, "epoch_seconds": 1.0, "time_total_s": 2.5 + 1.1 * e,
@@ -64,14 +63,13 @@ def test_bench_study_reads_tune_results(tmp_path):
 
 def test_bench_study_help():
     """Imports and argument parsing (the study itself runs in benchmarks/gpu_check.sh and by hand)."""
-    out = run(BENCH / "bench_study.py", "--help", timeout=120)
+    out = run("bench_study", "--help", timeout=120)
     assert "--gpus-per-trial" in out and "trials per hour" in out
 
 
 def test_bench_overhead_sums_every_member_of_every_epoch(tmp_path):
     """bench_overhead's compute: grouped and single trials, as Tune writes their result.json."""
-    sys.path.insert(0, str(BENCH))
-    from bench_overhead import trial_compute
+    from benchmarks.bench_overhead import trial_compute
 
     grouped = [{"epoch": e, "group": {"seed=1": {"epoch_seconds": 0.5}, "seed=2": {"epoch_seconds": 0.25}}}
                for e in range(4)]
@@ -80,5 +78,5 @@ def test_bench_overhead_sums_every_member_of_every_epoch(tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert trial_compute(tmp_path) == {"a_coop": 3.0, "b_rsnl": 3.0}
-    out = run(BENCH / "bench_overhead.py", "--help", timeout=120)
+    out = run("bench_overhead", "--help", timeout=120)
     assert "overhead" in out and "plain loop" in out

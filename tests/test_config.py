@@ -1,4 +1,4 @@
-"""rsnl.config: the validated trial configuration and its one-line messages (DESIGN sections 3, 4, 8)."""
+"""rsnl.config: the validated trial configuration and its one-line messages."""
 
 from pathlib import Path
 
@@ -99,8 +99,11 @@ def test_parse_overrides_reads_yaml_scalars():
 
 
 def test_yaml_files_and_overrides(tmp_path):
-    c = TrialConfig.from_yaml(CONFIGS / "digits.yaml", ["blocks=3", "noise_rate=0.25"])
+    c = TrialConfig.from_yaml(CONFIGS / "digits.yaml", overrides=["blocks=3", "noise_rate=0.25"])
     assert (c.dataset, c.backbone, c.pretrained, c.blocks, c.noise_rate) == ("digits", "rsnl-tiny", None, 3, 0.25)
+    # layered: a method file over a dataset file, then the overrides
+    c = TrialConfig.from_yaml(CONFIGS / "digits.yaml", CONFIGS / "methods" / "gce.yaml", overrides=["gce_q=0.3"])
+    assert (c.dataset, c.loss, c.blocks, c.selector, c.gce_q) == ("digits", "gce", 1, "none", 0.3)
     for f in sorted(CONFIGS.glob("*.yaml")) + sorted((CONFIGS / "methods").glob("*.yaml")):
         TrialConfig.from_dict(load_yaml(f))  # every shipped file is valid
     with pytest.raises(ConfigError, match="does not exist"):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import (
+from rsnl.testing import (
     DEFAULT_COUNTS,
     DTD_CLASSES,
     corrupt_file,
@@ -24,7 +24,6 @@ from rsnl.data import (
     check_shots,
     list_datasets,
     load_dataset,
-    verify_images,
 )
 
 SPLITS = ("train", "val", "test")
@@ -222,7 +221,6 @@ def test_digits_real_images_fixed_stratified_split():
     for split in SPLITS:
         assert np.array_equal(getattr(ds, split).labels, getattr(again, split).labels)
         assert getattr(ds, split).fingerprint() == getattr(again, split).fingerprint()
-    verify_images(ds.val)
 
 
 # ---- imagefolder ---------------------------------------------------------------------------------
@@ -356,17 +354,13 @@ def test_label_with_two_names(coop_dtd_root):
     error_line(e, str(path), "'val'", "row 0", "'stripy'", "'banded'")
 
 
-def test_corrupt_image_named_by_verify_and_load(coop_dtd_root):
-    s = load_dataset("dtd", coop_dtd_root).train  # listing does not decode: a bad file loads fine
-    verify_images(s)
-    bad = corrupt_file(s.sources[9])
-    verify_images(s, indices=[0, 1, 10])  # only the listed images are opened
-    with pytest.raises(DataError) as e:
-        verify_images(s)
-    error_line(e, str(bad), "dtd/train #9")
+def test_corrupt_image_named_when_loaded(coop_dtd_root):
+    bad = corrupt_file(load_dataset("dtd", coop_dtd_root).train.sources[9])
+    s = load_dataset("dtd", coop_dtd_root).train  # listing does not decode: a bad file lists fine
+    s.load(10)
     with pytest.raises(DataError) as e:
         s.load(9)
-    error_line(e, str(bad))
+    error_line(e, str(bad), "dtd/train #9")
 
 
 def test_truncated_image_is_caught(coop_dtd_root):
@@ -374,7 +368,7 @@ def test_truncated_image_is_caught(coop_dtd_root):
     data = Path(s.sources[4]).read_bytes()
     Path(s.sources[4]).write_bytes(data[: len(data) // 2])
     with pytest.raises(DataError) as e:
-        verify_images(s)
+        s.load(4)
     error_line(e, s.sources[4])
 
 
@@ -410,3 +404,28 @@ def test_imageset_rejects_mismatched_lengths():
     with pytest.raises(DataError) as e:
         ImageSet("x/train", ["a"], np.zeros(3), ["p1", "p2"])
     error_line(e, "x/train", "2 images", "3 labels")
+
+
+def test_torchvision_partition_is_named_once_and_split_zhou_wins(tmp_path, capsys):
+    """torchvision's DTD partition is not CoOp's split_zhou: loading it says so (one line, once per
+    process); a split_zhou JSON beside torchvision's images is preferred."""
+    import rsnl.data
+
+    make_torchvision_dtd_tree(tmp_path)
+    rsnl.data._noted.clear()
+    for _ in range(2):
+        ds = load_dataset("dtd", str(tmp_path))
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("rsnl: note: DTD: using torchvision's partition 1")
+    assert "split_zhou_DescribableTextures.json" in err[0]
+    assert [len(s) for s in (ds.train, ds.val, ds.test)] == [80, 40, 40]
+
+    # CoOp's split over the same files: every test image of torchvision's list becomes a train image
+    rows = {"train": [[i, int(y), ds.classnames[y]] for i, y in zip(ds.test.ids, ds.test.labels)],
+            "val": [[i, int(y), ds.classnames[y]] for i, y in zip(ds.val.ids, ds.val.labels)],
+            "test": [[i, int(y), ds.classnames[y]] for i, y in zip(ds.train.ids, ds.train.labels)]}
+    (tmp_path / "dtd" / "split_zhou_DescribableTextures.json").write_text(json.dumps(rows))
+    coop = load_dataset("dtd", str(tmp_path))
+    assert capsys.readouterr().err == ""
+    assert coop.train.ids == ds.test.ids and coop.test.ids == ds.train.ids
+    assert coop.train.load(0).size == ds.test.load(0).size

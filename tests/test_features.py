@@ -1,9 +1,9 @@
-"""rsnl.features: frozen image features in a content-keyed disk cache (DESIGN sections 5, 7)."""
+"""rsnl.features: frozen image features in a content-keyed disk cache."""
 
 import numpy as np
 import pytest
 import torch
-from helpers import DTD_CLASSES, make_coop_tree, make_image, touch_later
+from rsnl.testing import DTD_CLASSES, make_coop_tree, make_image, touch_later
 
 from rsnl.data import load_dataset
 from rsnl.features import build_feature_bank, cache_key, train_transform
@@ -174,6 +174,6 @@ def test_no_aug_views(built, tiny_clip):
 
 
 def test_default_cache_dir_follows_env(monkeypatch, tmp_path):
-    from rsnl.features import default_cache_dir
+    from rsnl.files import default_cache_dir
     monkeypatch.setenv("RSNL_CACHE", str(tmp_path / "c"))
     assert default_cache_dir() == tmp_path / "c"

@@ -9,7 +9,8 @@ import pytest
 from rsnl.config import ConfigError
 from rsnl.data import DataError
 from rsnl.manifest import HEADER, read_manifest
-from rsnl.train import build_trainer, load_inputs, trial_data
+from rsnl.inputs import load_inputs, trial_data
+from rsnl.trainer import build_trainer
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

@@ -14,7 +14,7 @@ Every run is deterministic, so a failure here means the numbers changed, not bad
 import numpy as np
 import pytest
 
-from rsnl.train import build_trainer
+from rsnl.trainer import build_trainer
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 COOP = dict(blocks=1, selector="none", loss="ce")

@@ -1,4 +1,4 @@
-"""rsnl.noise: few-shot sampling with injected label noise (DESIGN section 4)."""
+"""rsnl.noise: few-shot sampling with injected label noise."""
 
 import math
 

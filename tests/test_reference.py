@@ -1,9 +1,7 @@
 """benchmarks/reference_loop.py (the original per-batch pattern) computes the same function as the fast
 paths of rsnl.models.PromptMatrix on the same weights: text features, logits and the context gradient
-(DESIGN section 7: the speed-up is measured at the same math)."""
+(the speed-up is measured at the same math)."""
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,8 +10,7 @@ import torch.nn.functional as F
 
 from rsnl.models import PromptMatrix, load_clip
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from reference_loop import ReferenceCLIP, ReferenceTrainer
+from benchmarks.reference_loop import ReferenceCLIP, ReferenceTrainer
 
 CLASSNAMES = ["banded", "polka-dotted", "honey_combed", "zigzagged", "crosshatched"]
 TOL = 1e-5  # on L2-normalised features
@@ -31,7 +28,8 @@ def one_thread():
 @pytest.fixture(scope="module", params=["RN50", "ViT-B-32"])
 def clip(request):
     """(model, tokenizer) of each text tower, random init (seeded), built once per module."""
-    model, _, tok = load_clip(request.param, None)
+    clip = load_clip(request.param, None)
+    model, tok = clip.model, clip.tokenizer
     return model, tok
 
 
@@ -90,7 +88,7 @@ def test_trainer_reads_cached_features_only(digits_inputs):
     blocks (plus once each for selection, val and test accuracy)."""
     import math
 
-    from rsnl.train import build_trainer
+    from rsnl.trainer import build_trainer
 
     cfg, clip, bank = digits_inputs
     tr = build_trainer(cfg.replace(epochs=1), clip, bank)
@@ -111,7 +109,7 @@ def test_trainer_reads_cached_features_only(digits_inputs):
 def test_reference_epoch_runs_end_to_end(tmp_path, tiny_clip):
     """One epoch of the original loop (selection pass + training pass) and the end-of-training test
     on a small generated DTD with rsnl-tiny."""
-    from helpers import make_coop_tree
+    from rsnl.testing import make_coop_tree
 
     from rsnl.config import TrialConfig
     from rsnl.data import load_dataset
@@ -142,7 +140,8 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 @pytest.mark.parametrize("backbone", ["RN50", "ViT-B-32"])
 def test_cuda_fast_path_matches_reference(backbone):
     """On the GPU: fp32 equals the 77-token loop; bf16 and fp16 autocast stay close to it."""
-    model, _, tok = load_clip(backbone, None, device="cuda")
+    clip = load_clip(backbone, None, device="cuda")
+    model, tok = clip.model, clip.tokenizer
     for csc in (False, True):
         pm, ref = pair(model, tok, csc)
         assert pm.ctx.is_cuda and pm.fast is (not csc)
@@ -159,11 +158,11 @@ def test_cuda_fast_path_matches_reference(backbone):
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_cuda_trainer_mixed_precision(digits_inputs, precision):
     """The trainer on the GPU under autocast (GradScaler with fp16): finite, learning, same metrics keys."""
-    from rsnl.models import load_clip_full
-    from rsnl.train import build_trainer
+    from rsnl.models import load_clip
+    from rsnl.trainer import build_trainer
 
     cfg, _, bank = digits_inputs
-    clip = load_clip_full("rsnl-tiny", None, "cuda")
+    clip = load_clip("rsnl-tiny", None, "cuda")
     tr = build_trainer(cfg.replace(device="cuda", precision=precision, epochs=3), clip, bank)
     assert tr.amp == {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     before = tr.prompts.ctx.detach().clone()

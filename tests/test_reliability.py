@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import corrupt_file, make_coop_tree
+from rsnl.testing import corrupt_file, make_coop_tree
 from studies import grid_study, run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,8 +48,8 @@ def test_nan_trial_fails_with_epoch_and_metric_while_the_study_finishes(ray_sess
 def _build_once(cache_dir, barrier, out):
     from rsnl.data import load_dataset
     from rsnl.features import cached_features
-    from rsnl.models import load_clip_full
-    clip = load_clip_full("rsnl-tiny", None)
+    from rsnl.models import load_clip
+    clip = load_clip("rsnl-tiny", None)
     test = load_dataset("digits").test
     stats = {}
     barrier.wait()

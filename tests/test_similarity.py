@@ -1,5 +1,4 @@
-"""rsnl.similarity: alpha schedule, z-scores, prompt / feature / robust similarity, selection, metrics
-(DESIGN section 3)."""
+"""rsnl.similarity: alpha schedule, z-scores, prompt / feature / robust similarity, selection, metrics."""
 
 import math
 
@@ -177,6 +176,23 @@ def test_ratio_keeps_top_ceil_per_class(ratio):
 def test_none_keeps_all():
     keep = select_clean(np.arange(10.0), [0] * 5 + [1] * 5, "none")
     assert keep.dtype == bool and keep.all()
+
+
+def test_gmm_iterations_and_tolerance_reach_the_mixture():
+    """gmm_max_iter / gmm_tol are sklearn's max_iter / tol: one EM step does not converge (the original
+    code's 10 / 1e-2 is a config away), the default 100 / 1e-3 does."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    rng = np.random.default_rng(0)
+    scores = np.concatenate([rng.normal(0, 1, 40), rng.normal(4, 1, 40)])
+    labels = np.zeros(80, dtype=int)
+    with pytest.warns(ConvergenceWarning):
+        select_clean(scores, labels, max_iter=1, tol=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        keep = select_clean(scores, labels)
+    assert keep[40:].mean() > 0.9 and keep[:40].mean() < 0.1
 
 
 def test_gmm_small_or_flat_classes_keep_all():

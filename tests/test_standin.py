@@ -15,7 +15,7 @@ from PIL import Image
 
 from rsnl import pretrain
 from rsnl.data import FASHION_MNIST_CLASSES, _find_fashion_mnist
-from rsnl.models import ModelError, check_backbone, load_clip, load_clip_full
+from rsnl.models import ModelError, check_backbone, load_clip
 
 needs_data = pytest.mark.skipif(
     _find_fashion_mnist(None) is None,
@@ -74,8 +74,8 @@ def test_same_recipe_gives_the_same_file_bytes(tmp_path):
     pretrain.pretrain("rsnl-tiny", dataclasses.replace(SHORT, seed=SHORT.seed + 1), b, progress=False)
     assert a.read_bytes() != b.read_bytes()
     # it loads through the same path as a user's checkpoint file, and is no longer the random init
-    trained = load_clip_full("rsnl-tiny", str(a)).model.state_dict()
-    random = load_clip_full("rsnl-tiny", None).model.state_dict()
+    trained = load_clip("rsnl-tiny", str(a)).model.state_dict()
+    random = load_clip("rsnl-tiny", None).model.state_dict()
     assert any(not torch.equal(trained[k], random[k]) for k in trained)
 
 

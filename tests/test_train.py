@@ -1,5 +1,5 @@
-"""rsnl.train: the epoch loop on digits + rsnl-tiny, its metrics, determinism, exact resume, losses,
-non-finite detection and the command line (DESIGN sections 3, 4, 8)."""
+"""rsnl.trainer and rsnl.train: the epoch loop on digits + rsnl-tiny, its metrics, determinism, exact resume, losses,
+non-finite detection and the command line."""
 
 import hashlib
 import json
@@ -17,8 +17,11 @@ import torch.nn.functional as F
 from rsnl.config import ConfigError
 from rsnl.data import DataError
 from rsnl.similarity import alpha_schedule
-from rsnl.train import (NonFiniteError, Trainer, build_trainer, json_safe, load_checkpoint, main,
-                        noisy_label_loss, preflight, resolve_device, run, trial_data)
+from rsnl.device import resolve_device
+from rsnl.errors import NonFiniteError
+from rsnl.inputs import preflight, trial_data
+from rsnl.train import json_safe, main
+from rsnl.trainer import Trainer, build_trainer, load_checkpoint, noisy_label_loss
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -120,10 +123,7 @@ def test_exact_resume(digits_inputs, tmp_path):
     assert torch.equal(fresh.prompts.ctx, full.prompts.ctx)
     assert not torch.equal(full.prompts.ctx, trainer(digits_inputs, epochs=4).prompts.ctx)  # it did train
 
-    # the same through run(resume_from=path); a finished checkpoint has nothing left to do
-    cfg, clip, bank = digits_inputs
-    h = run(cfg.replace(epochs=4), resume_from=tmp_path / "ckpt.pt", inputs=(clip, bank))
-    assert without_time(h) == without_time(full_history)
+    # a finished checkpoint has nothing left to do
     done = trainer(digits_inputs, epochs=4)
     done.load_state_dict(full.state_dict())
     assert done.run() == full_history
@@ -330,3 +330,37 @@ def test_cli_usage_errors_in_process(tmp_path, capsys):
     assert main(["--config", cfg, "--set", "dataset=dtd", "--set", f"data_root={tmp_path}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("rsnl: error: DTD not found under data_root") and "\n" not in err
+
+
+def test_drop_last_drops_each_epochs_incomplete_batch(digits_inputs):
+    """drop_last (the original code's loader): 80 samples at batch 32 train on 64 per epoch; with fewer
+    samples than a batch the one partial batch still trains, as there."""
+    base = dict(blocks=1, selector="none", epochs=1, aug_views=0)
+    assert len(trainer(digits_inputs, **base).data.sample) == 80  # digits: 10 classes x 8 shots
+    start = trainer(digits_inputs, **base).prompts.ctx.clone()
+    runs = {}
+    for bs in (32, 128):
+        for drop in (False, True):
+            tr = trainer(digits_inputs, **base, batch_size=bs, drop_last=drop)
+            runs[bs, drop] = (tr.run()[0], tr.prompts.ctx)
+            assert not torch.equal(tr.prompts.ctx, start)
+    assert torch.equal(runs[128, True][1], runs[128, False][1])
+    assert without_time([runs[128, True][0]]) == without_time([runs[128, False][0]])
+    assert not torch.equal(runs[32, True][1], runs[32, False][1])
+    assert runs[32, True][0]["train_loss"] != runs[32, False][0]["train_loss"]
+
+
+def test_original_schedule_indexing(digits_inputs):
+    """warmup_recount restarts the cosine after warm-up (Dassl); alpha_lag 1 gives epoch e alpha(e - 1)."""
+    import math
+    tr = trainer(digits_inputs, epochs=4, warmup_recount=True, alpha_lag=1)
+    lrs = [m["lr"] for m in tr.run()]
+    lr = tr.cfg.lr
+    assert lrs == pytest.approx([1e-5, lr, lr * 0.5 * (1 + math.cos(math.pi / 4)), lr * 0.5])
+    alphas = [m["alpha"] for m in tr.history]
+    a, r = tr.cfg.alpha_base, tr.cfg.alpha_rate
+    assert alphas == pytest.approx([a, a, a * math.exp(1 / r), a * math.exp(2 / r)])
+    plain = trainer(digits_inputs, epochs=4)
+    plain.run()
+    assert [m["lr"] for m in plain.history][1] == pytest.approx(lr * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert [m["alpha"] for m in plain.history][1] == pytest.approx(a * math.exp(1 / r))

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from rsnl.config import ConfigError
+from faults import fail_once_at
 from studies import grid_study, optuna_study, run
 from tune.study import parse_study
 
@@ -258,15 +259,10 @@ def test_trial_retried_after_a_crash_ends_like_an_uninterrupted_one(ray_session,
     values["search"]["params"] = {"seed": {"grid": [3]}}
     values["variants"] = [{"name": "rsnl-m2", "blocks": 2}]
     plain, _, _ = run(values)
-    fault = Path(ray_env["RSNL_FAULT_FILE"])
-    fault.write_text(json.dumps({"epoch": 1}))
-    try:
+    with fail_once_at(1, tmp_path / "fault.done") as fault:
         values.update(name="crashed", storage=str(tmp_path / "b"))
         crashed, _, _ = run(values)
-    finally:
-        fault.unlink()
-    assert Path(str(fault) + ".done").exists(), "the fault fired"
-    Path(str(fault) + ".done").unlink()
+    assert fault.exists(), "the fault fired"
     (a,), (b,) = list(plain), list(crashed)
     assert b.error is None
     rows_a, rows_b = results_of(Path(a.path)), results_of(Path(b.path))

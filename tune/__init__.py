@@ -1,4 +1,4 @@
-"""The Ray Tune layer of rsnl: study configs, the trainable, resources, resume (DESIGN section 5).
+"""The Ray Tune layer of rsnl: study configs, the trainable, resources, resume (docs/studies.md).
 
   study        study YAML -> validated StudyConfig, presets, search spaces
   trainable    the function trainable (one Trainer per group member, exact resume)

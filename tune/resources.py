@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from rsnl.config import ConfigError
+from rsnl.errors import ConfigError
 
 # The autoscaler's copy of cluster.yaml on a head node started by `ray up`.
 BOOTSTRAP_CONFIG = Path.home() / "ray_bootstrap_config.yaml"

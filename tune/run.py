@@ -15,8 +15,10 @@ from pathlib import Path
 
 import yaml
 
-from rsnl.config import ConfigError, load_yaml
-from rsnl.train import preflight, prepare_weights
+from rsnl.config import load_yaml
+from rsnl.errors import ConfigError
+from rsnl.files import atomic_write
+from rsnl.inputs import preflight, prepare_weights
 from tune.resources import check_cluster_gpus, check_local_gpus, init_ray
 from tune.study import StudyConfig, parse_study
 from tune.trainable import bank_key, compute_bank, train_trial
@@ -171,7 +173,7 @@ def compute_banks(study: StudyConfig, log=print) -> tuple[dict, dict]:
             failures.append(e)
     if failures:
         # A bad image or missing weights found while computing features: the user's one line, not a traceback.
-        from rsnl.train import USER_ERRORS
+        from rsnl.errors import USER_ERRORS
         e = failures[0]
         if isinstance(getattr(e, "cause", None), USER_ERRORS):
             raise e.cause from None
@@ -204,7 +206,7 @@ def run_study(study: StudyConfig, address: str | None = None, resume: bool = Fal
     exp_path = study.experiment_path()
     if exp is not None and not resume:
         exp.mkdir(parents=True, exist_ok=True)
-        (exp / STUDY_FILE).write_text(yaml.safe_dump(study_to_yaml(study), sort_keys=False))
+        atomic_write(exp / STUDY_FILE, yaml.safe_dump(study_to_yaml(study), sort_keys=False))
     tuner = build_tuner(study, banks, exp_path, resume)
     results = tuner.fit()
     return results, exp_path, stats

@@ -1,4 +1,4 @@
-"""Study configs: validated YAML that says what a study runs (DESIGN section 5).
+"""Study configs: validated YAML that says what a study runs (docs/studies.md).
 
 A study is trial defaults + a search (grid, optuna or random over TrialConfig keys) + optionally
 named variants (grid only) and a group of settings that every trial runs in turn (objective = the
@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rsnl.config import ConfigError, TrialConfig, _suggest, load_yaml, parse_overrides
+from rsnl.config import TrialConfig, _suggest, load_yaml, parse_overrides
+from rsnl.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 SEARCH_KINDS = ("grid", "optuna", "random")
@@ -143,11 +144,6 @@ def _flatten_variant(overrides: dict) -> dict:
     if variant:
         out.update({k: v for k, v in variant.items() if k != "name"})
     return out
-
-
-def variant_name(config: dict) -> str | None:
-    v = config.get("variant")
-    return v.get("name") if isinstance(v, dict) else None
 
 
 # --- loading and validation -------------------------------------------------------------------

@@ -18,13 +18,11 @@ import numpy as np
 import torch
 
 from rsnl.manifest import MANIFEST, write_manifest
-from rsnl.models import load_clip_full
-from rsnl.train import build_trainer, resolve_device
+from rsnl.device import resolve_device
+from rsnl.models import load_clip
+from rsnl.trainer import build_trainer
 
 STATE_FILE = "state.pt"
-# Fault injection for tests: when $RSNL_FAULT_FILE names an existing JSON file {"epoch": k}, the first
-# trial to finish epoch k raises once (it leaves "<file>.done"), so that Tune's retry is exercised.
-FAULT_ENV = "RSNL_FAULT_FILE"
 
 _clips: dict[tuple, object] = {}  # per worker process: reused by trials of a reused actor
 
@@ -38,7 +36,7 @@ def bank_key(cfg) -> tuple:
 def _clip(cfg, device):
     key = (cfg.backbone, cfg.pretrained, str(device), cfg.cache_dir)
     if key not in _clips:
-        _clips[key] = load_clip_full(cfg.backbone, cfg.pretrained, device, cfg.cache_dir)
+        _clips[key] = load_clip(cfg.backbone, cfg.pretrained, device, cfg.cache_dir)
     return _clips[key]
 
 
@@ -62,17 +60,6 @@ def manifest_name(member: str, members: int) -> str:
     if members == 1:
         return MANIFEST
     return f"noise_manifest_{re.sub(r'[^A-Za-z0-9.=+-]+', '_', member)}.csv"
-
-
-def _maybe_fail(epoch: int) -> None:
-    spec = os.environ.get(FAULT_ENV)
-    if not spec or not Path(spec).is_file():
-        return
-    import json
-    done = Path(spec + ".done")
-    if json.loads(Path(spec).read_text()).get("epoch") == epoch and not done.exists():
-        done.write_text(f"failed once at epoch {epoch}\n")
-        raise RuntimeError(f"injected fault at epoch {epoch} ({FAULT_ENV}={spec})")
 
 
 def train_trial(config: dict, study=None, banks=None) -> None:
@@ -112,7 +99,6 @@ def train_trial(config: dict, study=None, banks=None) -> None:
         metrics = {**aggregate(results), "node_id": node}
         if len(results) == 1:
             metrics["noise_manifest_sha256"] = next(iter(results.values()))["noise_manifest_sha256"]
-        _maybe_fail(metrics["epoch"])
         with tempfile.TemporaryDirectory() as d:
             torch.save({"members": {n: t.state_dict() for n, t in trainers.items()}}, Path(d) / STATE_FILE)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
@@ -121,7 +107,7 @@ def train_trial(config: dict, study=None, banks=None) -> None:
 def compute_bank(cfg_dict: dict):
     """Build (or read from the disk cache) one FeatureBank; runs as a Ray task, once per study."""
     from rsnl.config import TrialConfig
-    from rsnl.train import load_inputs
+    from rsnl.inputs import load_inputs
     stats = {}
     _, bank = load_inputs(TrialConfig.from_dict(cfg_dict), stats=stats)
     return bank, stats

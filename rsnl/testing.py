@@ -1,7 +1,7 @@
-"""Small image datasets generated on disk, for tests and benchmarks (plain functions, no pytest).
+"""Small image datasets generated on disk, shared by the tests and the benchmarks (plain functions).
 
-DTD and the other CoOp datasets cannot be downloaded here (DESIGN.md section 6), so the real loading
-code in `rsnl.data` is tested on trees of the same layout made from generated images:
+DTD and the other CoOp datasets need a download that CI machines may not have, so the real loading
+code in `rsnl.data` is exercised on trees of the same layout made from generated images:
 
     make_coop_tree(root, classes, counts, dataset="dtd")   <root>/dtd/images/<class>/*.jpg + split JSON
     make_torchvision_dtd_tree(root, classes, counts)       <root>/dtd/dtd/images + labels/{train,val,test}1.txt
@@ -11,8 +11,6 @@ code in `rsnl.data` is tested on trees of the same layout made from generated im
 RGB picture whose mean colour depends on its class (plus per-image noise), so a model can learn from
 it. Everything is deterministic.
 
-Import: from test files `from helpers import make_coop_tree` (pytest puts tests/ on sys.path);
-from elsewhere add the tests folder first: `sys.path.insert(0, "<repo>/tests")`.
 The pytest fixtures built on these live in tests/conftest.py.
 """
 

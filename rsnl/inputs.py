@@ -1,0 +1,105 @@
+"""A trial's inputs: the checks that need no model, the model and the study-shareable image features,
+and the trial's own noisy few-shot sample as feature tensors.
+
+The Tune layer calls `preflight` in the driver (before Ray starts) and `load_inputs` in one feature task
+per study; `trial_data` runs in every trial.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from rsnl.config import TrialConfig
+from rsnl.data import check_shots, load_dataset
+from rsnl.device import precision_name, resolve_device
+from rsnl.errors import ConfigError
+from rsnl.features import FeatureBank, build_feature_bank
+from rsnl.manifest import manifest_text, read_manifest
+from rsnl.models import LoadedClip, check_backbone, load_clip
+from rsnl.noise import NoisySample, sample_noisy_fewshot
+
+
+def preflight(cfg: TrialConfig):
+    """Every check that needs no model: backbone/weights names, data layout, shots. Returns the dataset."""
+    check_backbone(cfg.backbone, cfg.pretrained)
+    dataset = load_dataset(cfg.dataset, cfg.data_root or os.environ.get("RSNL_DATA"), cfg.download)
+    check_shots(dataset.train.labels, dataset.classnames, cfg.shots, dataset.train.name)
+    check_shots(dataset.val.labels, dataset.classnames, cfg.val_shots or cfg.shots, dataset.val.name)
+    return dataset
+
+
+def prepare_weights(cfg: TrialConfig) -> None:
+    """Build rsnl's stand-in VLM now if the trial uses it and it is not cached yet (progress shown here,
+    not later inside a worker)."""
+    from rsnl.pretrain import ensure_standin, is_standin
+    if is_standin(cfg.backbone, cfg.pretrained):
+        ensure_standin(cfg.backbone, cfg.pretrained, cfg.cache_dir)
+
+
+def load_inputs(cfg: TrialConfig, stats: dict | None = None) -> tuple[LoadedClip, FeatureBank]:
+    """The model and the study-shareable image features of the trial's backbone and dataset."""
+    dataset = preflight(cfg)
+    device = resolve_device(cfg.device)
+    clip = load_clip(cfg.backbone, cfg.pretrained, device, cfg.cache_dir)
+    bank = build_feature_bank(dataset, clip.model, clip.preprocess, clip.identity, aug_views=cfg.aug_views,
+                              cache_dir=cfg.cache_dir, device=device,
+                              precision=precision_name(cfg.precision, device), batch_size=cfg.feature_batch_size,
+                              num_workers=cfg.num_workers, stats=stats, tokenizer=clip.tokenizer,
+                              aug_scale=cfg.aug_scale)
+    return clip, bank
+
+
+@dataclass
+class TrialData:
+    """The trial's few-shot sample with its noise, as feature tensors."""
+    train: torch.Tensor               # [N, D] un-augmented view
+    train_views: torch.Tensor | None  # [V, N, D]
+    sample: NoisySample
+    val: torch.Tensor
+    val_sample: NoisySample
+    test: torch.Tensor
+    test_labels: np.ndarray
+    zeroshot_text: torch.Tensor | None = None  # [C, D] the plain prompt's text features
+    manifest: str | None = None  # the draw as a noise manifest (rsnl/manifest.py); None without image ids
+
+
+NOISE_RATE_TOLERANCE = 0.05  # a replayed manifest's noisy share must match the trial's noise_rate this closely
+
+
+def draw_samples(cfg: TrialConfig, bank: FeatureBank) -> tuple[NoisySample, NoisySample]:
+    """The train and val samples: drawn by the seed, or read from cfg.noise_file."""
+    if cfg.noise_file is None:
+        C = len(bank.classnames)
+        s = sample_noisy_fewshot(bank.train_labels, C, cfg.shots, cfg.noise_rate, cfg.noise_type, cfg.seed)
+        v = sample_noisy_fewshot(bank.val_labels, C, cfg.val_shots or cfg.shots, cfg.noise_rate, cfg.noise_type,
+                                 cfg.seed)
+        return s, v
+    if bank.train_ids is None or bank.val_ids is None:
+        raise ConfigError("noise_file: this feature bank has no image ids to match a manifest against")
+    drawn = read_manifest(cfg.noise_file, {"train": bank.train_ids, "val": bank.val_ids},
+                          {"train": bank.train_labels, "val": bank.val_labels}, bank.classnames)
+    share = drawn["train"].noise_fraction
+    if abs(share - cfg.noise_rate) > NOISE_RATE_TOLERANCE:
+        raise ConfigError(f"noise_file: {cfg.noise_file} has {share:.1%} noisy training labels but the trial says "
+                          f"noise_rate {cfg.noise_rate:g}; set noise_rate to the manifest's rate (reports group by it)")
+    return drawn["train"], drawn["val"]
+
+
+def trial_data(cfg: TrialConfig, bank: FeatureBank) -> TrialData:
+    s, v = draw_samples(cfg, bank)
+    manifest = None
+    if bank.train_ids is not None and bank.val_ids is not None:
+        manifest = manifest_text({"train": s, "val": v}, {"train": bank.train_ids, "val": bank.val_ids},
+                                 bank.classnames)
+    idx = torch.as_tensor(s.indices)
+    # A bank may hold more views than this trial uses; view v is the same whatever their number.
+    views = bank.train_views[: cfg.aug_views, idx] if bank.train_views is not None and cfg.aug_views > 0 else None
+    if views is not None and views.shape[0] < cfg.aug_views:
+        raise ValueError(f"feature bank has {views.shape[0]} augmented views, the trial asks for {cfg.aug_views}")
+    return TrialData(train=bank.train[idx], train_views=views, sample=s, val=bank.val[torch.as_tensor(v.indices)],
+                     val_sample=v, test=bank.test, test_labels=np.asarray(bank.test_labels),
+                     zeroshot_text=bank.zeroshot_text, manifest=manifest)
