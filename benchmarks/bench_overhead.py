@@ -32,7 +32,7 @@ for key, value in {"HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled", "RAY_USAG
     os.environ.setdefault(key, value)
 
 from benchmarks.bench_common import machine_info
-from benchmarks.bench_study import output_to
+from benchmarks.bench_study import run_launch
 
 
 
@@ -74,7 +74,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     print(machine_info("cpu"), flush=True)
 
-    import launch
     from rsnl.config import TrialConfig
     from rsnl.inputs import load_inputs, prepare_weights
     from tune.study import load_study
@@ -95,14 +94,7 @@ def main(argv=None) -> int:
         os.environ.setdefault("RAY_TMPDIR", str(tmp / "ray"))
         cmd = ["--preset", args.preset, "--storage", str(tmp / "results"), *sum((["--set", s] for s in sets), [])]
         log = tmp / "launch.log"
-        t0 = time.perf_counter()
-        with output_to(log):
-            try:
-                rc = launch.main(cmd)
-            finally:
-                import ray
-                ray.shutdown()
-        wall = time.perf_counter() - t0
+        rc, wall = run_launch(cmd, log)
         text = log.read_text(errors="replace")
         if rc != 0:
             print(text[-4000:])

@@ -64,6 +64,19 @@ def read_trials(exp: Path) -> list[list[dict]]:
     return trials
 
 
+def run_launch(cmd: list[str], log: Path) -> tuple[int, float]:
+    """launch.main(cmd) with all output in `log`, Ray shut down after: (exit code, wall seconds)."""
+    import launch
+    t0 = time.perf_counter()
+    with output_to(log):
+        try:
+            rc = launch.main(cmd)
+        finally:
+            import ray
+            ray.shutdown()  # leave no Ray processes behind
+    return rc, time.perf_counter() - t0
+
+
 @contextmanager
 def output_to(path: Path):
     """Both file descriptors 1 and 2 into `path`: Ray's processes and loggers write there directly."""
@@ -127,7 +140,6 @@ def main(argv=None) -> int:
     cpus = args.cpus_per_trial if args.cpus_per_trial is not None else (1.0 if args.gpus_per_trial > 0 else 0.5)
     print(machine_info(args.device), flush=True)
 
-    import launch
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         storage = Path(args.storage) if args.storage else tmp / "results"
@@ -139,14 +151,7 @@ def main(argv=None) -> int:
         print(f"# python launch.py {' '.join(cmd)}  ({args.trials} trials x {args.epochs} epochs, digits + rsnl-tiny, "
               f"blocks {args.blocks}, {cpus:g} CPU + {args.gpus_per_trial:g} GPU per trial)", flush=True)
         log_path = tmp / "launch.log"
-        t0 = time.perf_counter()
-        with output_to(log_path):
-            try:
-                rc = launch.main(cmd)
-            finally:
-                import ray
-                ray.shutdown()  # leave no Ray processes behind
-        wall = time.perf_counter() - t0
+        rc, wall = run_launch(cmd, log_path)
         log = log_path.read_text(errors="replace")
         print("\n".join(line for line in log.splitlines() if line.startswith("[rsnl]")), flush=True)
         if rc != 0:
