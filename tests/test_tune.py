@@ -94,6 +94,11 @@ def test_presets_parse_and_describe_themselves():
     for study in (fm, fs):
         assert (study.trial["dataset"], study.trial["backbone"], study.trial["pretrained"]) == (
             "fashion-mnist", "rsnl-tiny", "fashion-mnist")
+    fid = load_study(preset="fmnist-fidelity")  # one of the original code's settings per variant
+    assert fid.trial == fm.trial and fid.group == {"noise_rate": [0.5], "seed": [1, 2, 3]}
+    switched = {v["name"]: {k for k in v if k not in ("name", "blocks", "selector", "loss")} for v in fid.variants}
+    assert switched["rsnl"] == set() and switched["all-original"] == {"gmm_max_iter", "gmm_tol", "drop_last",
+                                                                      "alpha_lag", "warmup_recount"}
     quick = load_study(preset="quickstart", overrides=["epochs=3"])
     assert quick.trial["epochs"] == 3 and quick.trial["pretrained"] == "fashion-mnist"
     assert [v["name"] for v in quick.variants] == ["coop", "rsnl-m4"]
