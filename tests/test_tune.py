@@ -304,6 +304,44 @@ def test_study_on_a_three_node_cluster_computes_features_once(tmp_path, ray_env,
     assert len(list((tmp_path / "cache").rglob("*.pt"))) == 4
 
 
+def test_finished_study_keeps_the_last_two_checkpoints_of_each_trial(grid_experiment):
+    """Tune keeps every checkpoint during the study (tune/checkpoints.py); at the end the state in the
+    storage names each trial's last one, and only it and the one before remain."""
+    import pyarrow.fs
+    from tune.checkpoints import durable_checkpoints
+    exp = Path(grid_experiment)
+    latest = durable_checkpoints(pyarrow.fs.LocalFileSystem(), str(exp))
+    assert sorted(latest) == sorted(d.name for d in trial_dirs(exp)) and set(latest.values()) == {2}  # 3 epochs
+    for d in trial_dirs(exp):
+        assert sorted(c.name for c in d.glob("checkpoint_*")) == ["checkpoint_000001", "checkpoint_000002"]
+
+
+def test_pruning_keeps_what_the_stored_state_can_ask_for(tmp_path):
+    """Only checkpoints older than the one before the stored state's latest go; without a readable
+    state nothing goes."""
+    from tune.checkpoints import prune
+    exp = tmp_path / "exp"
+    for trial, n in (("t_a", 8), ("t_b", 3)):
+        for i in range(n):
+            (exp / trial / f"checkpoint_{i:06d}").mkdir(parents=True)
+    (exp / "t_a" / "checkpoint_000002" / "state.pt").write_bytes(b"x")
+    assert prune(str(exp)) == 0  # no experiment state yet
+    (exp / "experiment_state-2026-01-01_00-00-00.json").write_text("{not json")
+    assert prune(str(exp)) == 0
+
+    def state(name, latest):
+        trial_data = [[json.dumps({"relative_logdir": t}),
+                       json.dumps({"last_result": {"checkpoint_dir_name": f"checkpoint_{k:06d}"}})]
+                      for t, k in latest.items()]
+        (exp / name).write_text(json.dumps({"trial_data": trial_data}))
+
+    state("experiment_state-2026-01-01_00-00-01.json", {"t_a": 5, "t_b": 2})
+    state("experiment_state-2025-12-31_00-00-00.json", {"t_a": 7, "t_b": 2})  # an older session's: not read
+    assert prune(str(exp)) == 4 + 1
+    assert sorted(p.name for p in (exp / "t_a").iterdir()) == [f"checkpoint_{i:06d}" for i in (4, 5, 6, 7)]
+    assert sorted(p.name for p in (exp / "t_b").iterdir()) == ["checkpoint_000001", "checkpoint_000002"]
+
+
 def _wait_for(predicate, timeout: float, every: float = 0.2) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -327,10 +365,17 @@ def test_killed_driver_then_resume_runs_every_trial_exactly_once(tmp_path, ray_e
         rows = {d.name: len(results_of(d)) for d in exp.glob("*") if (d / "result.json").is_file()}
         return sum(n == epochs for n in rows.values()), sum(0 < n < epochs for n in rows.values()), rows
 
+    def checkpointed():
+        """(trials at their last epoch, trials part-way) by the checkpoints the workers wrote to the storage
+        (result.json there follows Tune's experiment-state sync, which may lag)."""
+        dirs = [d for d in exp.iterdir() if d.is_dir()] if exp.is_dir() else []
+        last = [max((int(c.name.split("_")[1]) for c in d.glob("checkpoint_*")), default=-1) for d in dirs]
+        return sum(k == epochs - 1 for k in last), sum(0 <= k < epochs - 1 for k in last)
+
     with open(tmp_path / "first.log", "w") as log:
         driver = subprocess.Popen(cmd + ["--config", str(tmp_path / "study.yaml")], env=env, cwd=tmp_path,
                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        caught = _wait_for(lambda: progress()[0] >= 1 and progress()[1] >= 1, timeout=300)
+        caught = _wait_for(lambda: checkpointed()[0] >= 1 and checkpointed()[1] >= 1, timeout=300, every=0.05)
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started
         driver.wait()
     assert caught, (tmp_path / "first.log").read_text()[-3000:]

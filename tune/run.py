@@ -103,6 +103,7 @@ def _trial_dirname(study: StudyConfig):
 
 def build_tuner(study: StudyConfig, banks: dict, exp: str, resume: bool):
     from ray import tune
+    from tune.checkpoints import CheckpointPruner
     from tune.optuna_store import OptunaRecorder, storage_url
 
     trainable = tune.with_resources(tune.with_parameters(train_trial, study=study, banks=banks),
@@ -123,7 +124,7 @@ def build_tuner(study: StudyConfig, banks: dict, exp: str, resume: bool):
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=epochs,
                                   grace_period=study.asha.get("grace_period", 1),
                                   reduction_factor=study.asha.get("reduction_factor", 2))
-    callbacks = []
+    callbacks = [CheckpointPruner(exp)]
     if study.kind in ("optuna", "random") and "://" not in study.storage:
         callbacks.append(OptunaRecorder(storage_url(exp), study))
     name = _trial_dirname(study)
@@ -144,8 +145,8 @@ def build_tuner(study: StudyConfig, banks: dict, exp: str, resume: bool):
             reuse_actors=study.reuse_actors, trial_name_creator=name, trial_dirname_creator=name),
         run_config=tune.RunConfig(
             name=study.name, storage_path=study.storage_path(), callbacks=callbacks,
-            # two kept: a driver killed while Tune swaps checkpoints still finds the older one on resume
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            # Tune keeps every checkpoint; CheckpointPruner deletes only what no resume can need
+            checkpoint_config=tune.CheckpointConfig(),
             failure_config=tune.FailureConfig(max_failures=study.max_failures), progress_reporter=reporter,
             # the trials' noise manifests, written to their working folders, reach the experiment folder
             sync_config=tune.SyncConfig(sync_artifacts=True),
@@ -209,4 +210,6 @@ def run_study(study: StudyConfig, address: str | None = None, resume: bool = Fal
         atomic_write(exp / STUDY_FILE, yaml.safe_dump(study_to_yaml(study), sort_keys=False))
     tuner = build_tuner(study, banks, exp_path, resume)
     results = tuner.fit()
+    from tune.checkpoints import prune as prune_checkpoints
+    prune_checkpoints(exp_path)  # the final state is in the storage now: two checkpoints per trial stay
     return results, exp_path, stats

@@ -1,0 +1,88 @@
+"""Checkpoint pruning that survives a kill at any moment.
+
+Tune's own `CheckpointConfig(num_to_keep=k)` deletes a trial's older checkpoint as soon as a newer one
+is registered, while the experiment state that `--resume` reads reaches the storage later, copied in
+the background. A driver killed in between leaves that state pointing at a deleted checkpoint, and
+the trial cannot be resumed ("Could not recover from checkpoint as it does not exist on storage").
+
+So Tune keeps every checkpoint, and this callback deletes only what the experiment state *in the
+storage* can no longer ask for: for each trial, the checkpoints older than the one before the latest
+checkpoint that state records. That state only moves forward, so whatever it names (and everything
+newer) is still there when a resume reads it. Any doubt (no state yet, a file mid-copy, an unknown
+layout) deletes nothing. Pruning runs at most every PRUNE_EVERY_S seconds and once at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+from ray import tune
+
+PRUNE_EVERY_S = 30.0
+_CHECKPOINT = re.compile(r"^checkpoint_(\d+)$")
+
+
+def _fs(uri: str):
+    """(pyarrow filesystem, path) of a local path or a URI (s3://, gs://, ...)."""
+    import pyarrow.fs
+    if "://" not in uri:
+        return pyarrow.fs.LocalFileSystem(), uri
+    return pyarrow.fs.FileSystem.from_uri(uri)
+
+
+def durable_checkpoints(fs, exp_path: str) -> dict[str, int]:
+    """{trial folder: index of its latest checkpoint} as recorded by the newest experiment state in the
+    storage ({} if there is none or it cannot be read)."""
+    import pyarrow.fs
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(exp_path, allow_not_found=True))
+    states = sorted(i.path for i in infos if i.base_name.startswith("experiment_state-") and i.base_name.endswith(".json"))
+    if not states:
+        return {}
+    try:
+        with fs.open_input_stream(states[-1]) as f:
+            data = json.loads(f.read())
+        out = {}
+        for trial_json, meta_json in (entry[:2] for entry in data["trial_data"]):
+            folder = json.loads(trial_json)["relative_logdir"]
+            name = (json.loads(meta_json).get("last_result") or {}).get("checkpoint_dir_name") or ""
+            m = _CHECKPOINT.match(name)
+            if m:
+                out[folder] = int(m.group(1))
+        return out
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return {}
+
+
+def prune(exp_uri: str) -> int:
+    """Delete the checkpoints no resume can need; returns how many were deleted."""
+    import pyarrow.fs
+    try:
+        fs, exp_path = _fs(exp_uri)
+        latest = durable_checkpoints(fs, exp_path)
+        deleted = 0
+        for folder, k in latest.items():
+            infos = fs.get_file_info(pyarrow.fs.FileSelector(f"{exp_path}/{folder}", allow_not_found=True))
+            for info in infos:
+                m = _CHECKPOINT.match(info.base_name)
+                # keep the recorded one and the one before it (margin), and everything newer
+                if info.type == pyarrow.fs.FileType.Directory and m and int(m.group(1)) < k - 1:
+                    fs.delete_dir(info.path)
+                    deleted += 1
+        return deleted
+    except OSError:
+        return 0  # storage unreachable now: the next round, or the end of the study, tries again
+
+
+class CheckpointPruner(tune.Callback):
+    """Keeps a study's checkpoints bounded without ever deleting the one a resume would read."""
+
+    def __init__(self, exp_uri: str):
+        self.exp_uri = exp_uri
+        self._last = time.monotonic()
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        if time.monotonic() - self._last >= PRUNE_EVERY_S:
+            self._last = time.monotonic()
+            prune(self.exp_uri)
