@@ -24,12 +24,12 @@ import open_clip
 
 from rsnl.config import CLASS_TOKEN_POSITIONS
 from rsnl.errors import ModelError
+from rsnl.files import is_weights_path
 from rsnl.pretrain import TAGS as STANDIN_TAGS
 from rsnl.pretrain import ensure_standin, is_standin, standin_tags
 
 TINY = "rsnl-tiny"
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
-_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 INIT_SEED = 0  # random-init backbones are seeded so that every trial of a study sees the same tower
 
 
@@ -52,7 +52,7 @@ def check_backbone(name: str, pretrained: str | None) -> None:
                          f"see open_clip.list_models(), e.g. RN50, ViT-B-32, {TINY}")
     if pretrained is None or is_standin(name, pretrained):
         return
-    if _looks_like_path(pretrained):
+    if is_weights_path(pretrained):
         if not Path(pretrained).is_file():
             raise ModelError(f"pretrained: checkpoint file {pretrained} does not exist")
         return
@@ -65,10 +65,6 @@ def check_backbone(name: str, pretrained: str | None) -> None:
         if elsewhere:
             published = f" (rsnl's stand-in {pretrained!r} exists for {', '.join(elsewhere)})"
         raise ModelError(f"pretrained: {pretrained!r} is not a tag of {name}{published}; allowed: {allowed}")
-
-
-def _looks_like_path(value: str) -> bool:
-    return os.sep in value or value.endswith(_WEIGHT_SUFFIXES) or Path(value).is_file()
 
 
 @dataclass
@@ -94,7 +90,7 @@ def load_clip(name: str, pretrained: str | None = None, device="cpu", cache_dir=
     elif is_standin(name, pretrained):  # built once, then loaded like any checkpoint file
         path = str(ensure_standin(name, pretrained, cache_dir))
         identity = f"{name}|{pretrained}|file-sha256:{_file_digest(path)}"
-    elif _looks_like_path(pretrained):
+    elif is_weights_path(pretrained):
         path, identity = pretrained, f"{name}|file-sha256:{_file_digest(pretrained)}"
     else:
         cfg = open_clip.get_pretrained_cfg(name, pretrained)
@@ -338,13 +334,8 @@ class PromptMatrix(nn.Module):
         return x.reshape(m * C, self.length, -1)
 
     def _batched(self) -> torch.Tensor:
-        t = self.tower
-        x = self.prompt_embeddings() + t.positional_embedding[: self.length].to(self.sos.dtype)
-        x = t.transformer(x, attn_mask=t.attn_mask[: self.length, : self.length])
-        x = t.ln_final(x)
-        eos = self.eos.repeat(self.blocks)
-        x = x[torch.arange(x.shape[0], device=x.device), eos]
-        return _project(t, x).reshape(self.blocks, self.num_classes, -1)
+        x = encode_cut(self.tower, self.prompt_embeddings(), self.eos.repeat(self.blocks))
+        return x.reshape(self.blocks, self.num_classes, -1)
 
     def _prefix_shared(self) -> torch.Tensor:
         """Exact: causal attention lets the per-block prefix be computed once and attended to by all
@@ -366,6 +357,16 @@ class PromptMatrix(nn.Module):
         """Ensemble logits [N, C] = mean over blocks of s * f . t_b (image features L2-normalised)."""
         text = self.text_features()
         return logit_scale * torch.einsum("nd,bcd->ncb", image_features.to(text.dtype), text).mean(-1)
+
+
+def encode_cut(tower, embeddings: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
+    """The text tower on token embeddings [N, L, d] cut after their longest EOS, pooled at `eos` [N] and
+    projected (not normalised). Exact: with causal attention nothing after an EOS changes its output."""
+    L = embeddings.shape[1]
+    x = embeddings + tower.positional_embedding[:L].to(embeddings.dtype)
+    x = tower.transformer(x, attn_mask=tower.attn_mask[:L, :L])
+    x = tower.ln_final(x)
+    return _project(tower, x[torch.arange(x.shape[0], device=x.device), eos])
 
 
 def _project(tower, x):
