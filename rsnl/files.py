@@ -22,6 +22,14 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("RSNL_CACHE") or Path.home() / ".cache" / "rsnl")
 
 
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+
+def is_weights_path(value: str) -> bool:
+    """A `pretrained` value that names a file (rather than a tag such as openai or fashion-mnist)."""
+    return os.sep in value or value.endswith(WEIGHT_SUFFIXES) or Path(value).is_file()
+
+
 def atomic_write(path, content: bytes | str | Callable[[io.BufferedWriter], None]) -> Path:
     """Replace `path` with `content` (bytes, text, or a function that writes to a binary file)."""
     path = Path(path)

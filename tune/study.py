@@ -18,6 +18,7 @@ from typing import Any
 
 from rsnl.config import TrialConfig, _suggest, load_yaml, parse_overrides
 from rsnl.errors import ConfigError
+from rsnl.files import is_weights_path
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 SEARCH_KINDS = ("grid", "optuna", "random")
@@ -298,7 +299,6 @@ def parse_study(values: dict) -> StudyConfig:
 
 
 PATH_KEYS = ("noise_file", "data_root", "cache_dir", "pretrained")
-_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
 
 def _absolute(key: str, value):
@@ -310,7 +310,7 @@ def _absolute(key: str, value):
         return {k: _absolute(key, v) for k, v in value.items()}
     if not isinstance(value, str) or not value.strip() or "://" in value:
         return value
-    if key == "pretrained" and not (os.sep in value or value.endswith(_WEIGHT_SUFFIXES)):
+    if key == "pretrained" and not is_weights_path(value):
         return value  # a tag such as openai or fashion-mnist
     return os.path.abspath(os.path.expanduser(value))
 
