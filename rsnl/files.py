@@ -22,6 +22,19 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("RSNL_CACHE") or Path.home() / ".cache" / "rsnl")
 
 
+def probe_writable(folder) -> None:
+    """Create `folder` if needed and write, then delete, one small file in it; OSError when that fails.
+    A real write, not os.access: permission bits do not stop root, and say nothing of read-only mounts."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".rsnl-probe.", suffix=".tmp")
+    try:
+        os.write(fd, b"rsnl")
+    finally:
+        os.close(fd)
+        os.unlink(tmp)
+
+
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
 

@@ -18,6 +18,7 @@ from rsnl.data import check_shots, load_dataset
 from rsnl.device import precision_name, resolve_device
 from rsnl.errors import ConfigError
 from rsnl.features import FeatureBank, build_feature_bank
+from rsnl.files import default_cache_dir, probe_writable
 from rsnl.manifest import manifest_text, read_manifest
 from rsnl.models import LoadedClip, check_backbone, load_clip
 from rsnl.noise import NoisySample, sample_noisy_fewshot
@@ -26,10 +27,28 @@ from rsnl.noise import NoisySample, sample_noisy_fewshot
 def preflight(cfg: TrialConfig):
     """Every check that needs no model: backbone/weights names, data layout, shots. Returns the dataset."""
     check_backbone(cfg.backbone, cfg.pretrained)
+    check_cache_dir(cfg)
     dataset = load_dataset(cfg.dataset, cfg.data_root or os.environ.get("RSNL_DATA"), cfg.download)
     check_shots(dataset.train.labels, dataset.classnames, cfg.shots, dataset.train.name)
     check_shots(dataset.val.labels, dataset.classnames, cfg.val_shots or cfg.shots, dataset.val.name)
     return dataset
+
+
+def check_cache_dir(cfg: TrialConfig) -> None:
+    """The cache folder (features, stand-in, downloads) can be created and written: said here, naming the
+    key that set it, rather than as a traceback from the feature cache or the stand-in's build."""
+    if cfg.cache_dir:
+        key, hint = "cache_dir", "set cache_dir to a writable folder"
+    elif os.environ.get("RSNL_CACHE"):
+        key, hint = "$RSNL_CACHE", "set $RSNL_CACHE (or cache_dir) to a writable folder"
+    else:
+        key, hint = "cache folder", "set cache_dir or $RSNL_CACHE to a writable folder"
+    folder = cfg.cache_dir or default_cache_dir()
+    try:
+        probe_writable(folder)
+    except OSError as err:
+        raise ConfigError(f"{key}: {folder} cannot be created or written ({type(err).__name__}: "
+                          f"{err.strerror or err}); {hint}") from None
 
 
 def prepare_weights(cfg: TrialConfig) -> None:

@@ -229,6 +229,31 @@ def test_preflight_checks(digits_inputs):
     assert preflight(cfg.replace(ctx_init="a photo of a", blocks=1)).name == "digits"
 
 
+def test_unwritable_cache_folder_is_one_line_in_preflight(digits_inputs, tmp_path, monkeypatch, capsys):
+    """A cache folder that cannot be created (under a regular file: refused even for root) is named with
+    its key in preflight, before any model or feature work, not as a traceback from features or pretrain."""
+    cfg = digits_inputs[0]
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    bad = blocker / "cache"
+    with pytest.raises(ConfigError) as e:
+        preflight(cfg.replace(cache_dir=str(bad)))
+    msg = str(e.value)
+    assert msg.startswith(f"cache_dir: {bad} ") and "\n" not in msg and "writable folder" in msg
+    # $RSNL_CACHE when cache_dir is not set
+    monkeypatch.setenv("RSNL_CACHE", str(bad))
+    with pytest.raises(ConfigError, match=r"^\$RSNL_CACHE: .*a-file/cache "):
+        preflight(cfg.replace(cache_dir=None))
+    # the command line: one line, exit 2
+    assert main(["--config", str(REPO / "rsnl/configs/digits.yaml"), "--set", f"cache_dir={bad}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"rsnl: error: cache_dir: {bad} ")
+    # a writable one passes, and the probe leaves nothing behind
+    good = tmp_path / "new" / "cache"
+    assert preflight(cfg.replace(cache_dir=str(good))).name == "digits"
+    assert good.is_dir() and not list(good.iterdir())
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
 def test_cuda_without_gpu():
     with pytest.raises(ConfigError, match="no CUDA GPU is visible"):
