@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable
@@ -33,6 +34,9 @@ from rsnl.errors import DataError
 
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+# Pixels per image, checked from the header before decoding: a guard against decompression bombs (a small
+# file that decodes to gigabytes). Pillow's own default; CLIP sees 224x224 anyway.
+MAX_IMAGE_PIXELS = 89_478_485
 
 
 def _one_line(err: BaseException) -> str:
@@ -83,9 +87,18 @@ class ImageSet:
                                 "expected HxW (greyscale) or HxWx3 uint8")
             return Image.fromarray(src).convert("RGB")
         try:
-            with Image.open(src) as im:
-                return im.convert("RGB")  # convert() decodes fully, so the file can be closed
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+            with warnings.catch_warnings():
+                # Pillow only warns between its limit and twice it; here that is an error too
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(src) as im:
+                    if im.width * im.height > MAX_IMAGE_PIXELS:
+                        raise DataError(
+                            f"image {src} ({self.name} #{i}) is {im.width}x{im.height} = {im.width * im.height} "
+                            f"pixels, over the limit of {MAX_IMAGE_PIXELS} (rsnl.data.MAX_IMAGE_PIXELS, a guard "
+                            "against decompression bombs); shrink the image or remove it from the split")
+                    return im.convert("RGB")  # convert() decodes fully, so the file can be closed
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError,
+                Image.DecompressionBombWarning) as err:
             raise DataError(_bad_image_message(self, i, src, err)) from None
 
     def fingerprint(self) -> str:

@@ -372,6 +372,32 @@ def test_truncated_image_is_caught(coop_dtd_root):
     error_line(e, s.sources[4])
 
 
+def test_image_over_pixel_limit_is_one_line(coop_dtd_root, monkeypatch):
+    """A file over rsnl's pixel limit is refused from its header, before it is decoded (a decompression bomb)."""
+    from PIL import Image
+
+    from rsnl import data
+    s = load_dataset("dtd", coop_dtd_root).train
+    Image.new("RGB", (300, 200), (10, 20, 30)).save(s.sources[2], format="PNG")  # 60,000 pixels
+    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 50_000)
+    with pytest.raises(DataError) as e:
+        s.load(2)
+    error_line(e, s.sources[2], "dtd/train #2", "300x200", "50000", "MAX_IMAGE_PIXELS")
+    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 60_000)  # at the limit is allowed
+    assert s.load(2).size == (300, 200)
+
+
+@pytest.mark.parametrize("pillow_limit", [20_000, 59_999])  # Pillow errors over 2x its limit, warns over 1x
+def test_pillow_decompression_bomb_is_one_line(coop_dtd_root, monkeypatch, pillow_limit):
+    from PIL import Image
+    s = load_dataset("dtd", coop_dtd_root).train
+    Image.new("RGB", (300, 200), (10, 20, 30)).save(s.sources[2], format="PNG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", pillow_limit)
+    with pytest.raises(DataError) as e:
+        s.load(2)
+    error_line(e, s.sources[2], "DecompressionBomb", "exceeds limit")
+
+
 def test_missing_file_named_by_fingerprint(coop_dtd_root):
     s = load_dataset("dtd", coop_dtd_root).test
     os.remove(s.sources[3])
