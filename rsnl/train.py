@@ -66,7 +66,7 @@ def main(argv=None) -> int:
         if args.resume:
             if not (out / "checkpoint.pt").is_file():
                 raise ConfigError(f"--resume: {out / 'checkpoint.pt'} does not exist")
-            state = load_checkpoint(out / "checkpoint.pt")
+            state = load_checkpoint(out / "checkpoint.pt", key="--resume")
             check_same_config(state, cfg)  # before any model or feature work
         clip, bank = load_inputs(cfg)  # preflight first: data, names and shots before any model
         trainer = build_trainer(cfg, clip, bank)

@@ -8,6 +8,7 @@ image tower never runs here) -> evaluation -> one metrics dict. The method is in
 from __future__ import annotations
 
 import math
+import pickle
 import time
 
 import numpy as np
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 
 from rsnl.config import LOSSES, TrialConfig
 from rsnl.device import autocast_dtype, resolve_device
-from rsnl.errors import ConfigError, NonFiniteError
+from rsnl.errors import ConfigError, DataError, NonFiniteError
 from rsnl.features import FeatureBank
 from rsnl.files import atomic_write
 from rsnl.inputs import TrialData, trial_data
@@ -191,7 +192,7 @@ class Trainer:
     # -- checkpoints: everything that makes the next epoch identical to an uninterrupted run ----
     def state_dict(self) -> dict:
         return {
-            "format": 1,
+            "format": CHECKPOINT_FORMAT,
             "config": self.cfg.to_dict(),
             "epoch": self.epoch,
             "prompts": self.prompts.state_dict(),
@@ -231,8 +232,32 @@ def save_checkpoint(state: dict, path) -> None:
     atomic_write(path, lambda f: torch.save(state, f))
 
 
-def load_checkpoint(path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+CHECKPOINT_FORMAT = 1
+# what Trainer.state_dict writes, by type: a file without these is not a checkpoint this code can continue
+CHECKPOINT_KEYS = {"config": dict, "epoch": int, "prompts": dict, "optimizer": dict, "scheduler": dict,
+                   "scaler": dict, "generator": torch.Tensor, "history": list}
+
+
+def load_checkpoint(path, key: str = "checkpoint") -> dict:
+    """A checkpoint written by Trainer.save. A truncated file, another program's file or another format is
+    a DataError naming `key` and the file, not a traceback from torch.load or a KeyError later."""
+    def refuse(why: str):
+        raise DataError(f"{key}: {path} is not a readable rsnl checkpoint ({why}); delete it to start the run "
+                        "over, or point --out at the folder of the run to continue")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load fails as many types (EOFError, RuntimeError, UnpicklingError, OSError)
+        # the weights-only unpickler's message is a paragraph about PyTorch 2.6's defaults: the type says it
+        detail = "" if isinstance(e, pickle.UnpicklingError) else (str(e).strip().splitlines() or [""])[0][:120]
+        refuse(f"torch.load: {type(e).__name__}{': ' + detail if detail else ''}")
+    if not isinstance(state, dict):
+        refuse(f"it holds a {type(state).__name__}, not a dict")
+    if state.get("format") != CHECKPOINT_FORMAT:
+        refuse(f"format {state.get('format')!r}, this rsnl reads {CHECKPOINT_FORMAT}")
+    wrong = [k for k, t in CHECKPOINT_KEYS.items() if not isinstance(state.get(k), t)]
+    if wrong:
+        refuse(f"missing or malformed: {', '.join(wrong)}")
+    return state
 
 
 def build_trainer(cfg: TrialConfig, clip: LoadedClip, bank: FeatureBank) -> Trainer:

@@ -297,7 +297,8 @@ def test_cli_run_out_and_resume(tmp_path, cli_cache):
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     digest = final.pop("noise_manifest_sha256")
     assert [m["epoch"] for m in metrics] == [0, 1] and metrics[-1] == final
-    assert (out / "checkpoint.pt").is_file() and not list(out.glob("*.tmp"))
+    # every write is atomic: no temporary file is left beside the run's three files
+    assert sorted(f.name for f in out.iterdir()) == ["checkpoint.pt", "metrics.jsonl", "noise_manifest.csv"]
     manifest = (out / "noise_manifest.csv").read_text()  # the draw, named by image ids and class names
     assert hashlib.sha256(manifest.encode()).hexdigest() == digest
     assert manifest.splitlines()[0] == "split,image,label,true_label" and "digits#" in manifest
@@ -316,6 +317,29 @@ def test_cli_run_out_and_resume(tmp_path, cli_cache):
     assert len(err) == 1 and err[0].startswith("rsnl: error: checkpoint: made with a different config (epochs)")
     assert (out / "checkpoint.pt").read_bytes() == before
     assert elapsed < 20
+
+
+@pytest.mark.parametrize("damage", ["truncated", "foreign_dict", "random_bytes", "not_a_dict", "empty"])
+def test_cli_resume_from_unreadable_checkpoint_is_one_line(digits_inputs, tmp_path, capsys, damage):
+    """A damaged or foreign checkpoint.pt is named in one line (exit 2), not a traceback from torch.load."""
+    out = tmp_path / "run"
+    out.mkdir()
+    ckpt = out / "checkpoint.pt"
+    if damage in ("truncated", "empty"):
+        tr = trainer(digits_inputs, epochs=1)
+        tr.save(ckpt)
+        raw = ckpt.read_bytes()
+        ckpt.write_bytes(raw[: len(raw) // 2] if damage == "truncated" else b"")
+    elif damage == "foreign_dict":
+        torch.save({"model": torch.zeros(3), "epoch": 4}, ckpt)
+    elif damage == "not_a_dict":
+        torch.save([1, 2, 3], ckpt)
+    else:
+        ckpt.write_bytes(os.urandom(4096))
+    assert main(["--config", str(REPO / "rsnl/configs/digits.yaml"), "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"rsnl: error: --resume: {ckpt} is not a readable rsnl checkpoint"), err
 
 
 def test_cli_bad_set_is_one_line_and_fast(cli_cache):
