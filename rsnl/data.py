@@ -261,6 +261,18 @@ def _coop_classnames(path: str, content: dict) -> list[str]:
     return classnames
 
 
+def _inside(root: str, image_root: str, impath: str, split_file: str, split: str, r: int) -> str:
+    """The image's path; an absolute impath or one whose '..' leads out of data_root is refused (by the
+    path's text, so a symlinked image folder still works): a split file names its dataset's images only."""
+    source = os.path.normpath(os.path.join(image_root, impath))
+    if os.path.isabs(impath) or not source.startswith(os.path.join(root, "")):
+        raise DataError(
+            f"split file {split_file} key '{split}' row {r}: image path {impath!r} is absolute or leads "
+            f"outside data_root {root}; image paths must be relative to {image_root}"
+        )
+    return source
+
+
 def load_coop(name: str, root: str | None, dataset_dir: str, image_dir: str, split_json: str) -> Dataset:
     """A CoOp-style dataset: `<root>/<dataset_dir>/<split_json>` + images under `<image_dir>`."""
     root = _require_root(name, root, dataset_dir)
@@ -277,7 +289,7 @@ def load_coop(name: str, root: str | None, dataset_dir: str, image_dir: str, spl
     sets = {}
     for split in SPLITS:
         rows = content[split]
-        sources = [os.path.join(image_root, row[0]) for row in rows]
+        sources = [_inside(root, image_root, row[0], path, split, r) for r, row in enumerate(rows)]
         # One stat per split, not per image: catches a wrong image_dir at once while staying O(1);
         # a single missing file is found by fingerprint() or when it is loaded.
         if sources and not os.path.isfile(sources[0]):

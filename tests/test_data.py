@@ -354,6 +354,29 @@ def test_label_with_two_names(coop_dtd_root):
     error_line(e, str(path), "'val'", "row 0", "'stripy'", "'banded'")
 
 
+@pytest.mark.parametrize("entry", ["ABS", "../../../outside.jpg", "banded/../../../../outside.jpg"])
+def test_split_entry_outside_data_root_is_refused(coop_dtd_root, entry):
+    """An image path that is absolute or climbs out of data_root is refused, even where the file exists:
+    a split file names images of its dataset, not any file on the machine."""
+    outside = coop_dtd_root.parent / "outside.jpg"
+    outside.write_bytes((coop_dtd_root / "dtd" / "images" / "banded" / "banded_0001.jpg").read_bytes())
+    if entry == "ABS":
+        entry = str(outside)
+    else:  # both relative entries resolve to the same file beside data_root
+        assert os.path.normpath(coop_dtd_root / "dtd" / "images" / entry) == str(outside)
+    path = _edit_split(coop_dtd_root, lambda c: c["val"][3].__setitem__(0, entry))
+    with pytest.raises(DataError) as e:
+        load_dataset("dtd", coop_dtd_root)
+    error_line(e, str(path), "'val'", "row 3", repr(entry), "data_root")
+
+
+def test_split_entry_with_dots_inside_data_root_is_allowed(coop_dtd_root):
+    entry = "bumpy/../banded/banded_0001.jpg"
+    _edit_split(coop_dtd_root, lambda c: c["train"][1].__setitem__(0, entry))
+    s = load_dataset("dtd", coop_dtd_root).train
+    assert s.ids[1] == entry and s.load(1).size == (24, 24)
+
+
 def test_corrupt_image_named_when_loaded(coop_dtd_root):
     bad = corrupt_file(load_dataset("dtd", coop_dtd_root).train.sources[9])
     s = load_dataset("dtd", coop_dtd_root).train  # listing does not decode: a bad file lists fine
