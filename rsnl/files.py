@@ -49,8 +49,8 @@ def atomic_write(path, content: bytes | str | Callable[[io.BufferedWriter], None
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make shared caches unreadable to others
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "wb") as f:  # owns fd from here: closed whatever happens below
+            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp's 0600 would make shared caches unreadable
             if callable(content):
                 content(f)
             else:

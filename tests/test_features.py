@@ -177,3 +177,17 @@ def test_default_cache_dir_follows_env(monkeypatch, tmp_path):
     from rsnl.files import default_cache_dir
     monkeypatch.setenv("RSNL_CACHE", str(tmp_path / "c"))
     assert default_cache_dir() == tmp_path / "c"
+
+
+def test_atomic_write_failure_keeps_old_content_and_leaves_no_temp(tmp_path):
+    from rsnl.files import atomic_write
+    path = tmp_path / "f.bin"
+    atomic_write(path, b"old")
+
+    def half_then_fail(f):
+        f.write(b"new, but not all of it")
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(path, half_then_fail)
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["f.bin"]
