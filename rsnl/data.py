@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from rsnl.errors import DataError
+from rsnl.files import file_digest
 
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -102,10 +103,11 @@ class ImageSet:
             raise DataError(_bad_image_message(self, i, src, err)) from None
 
     def fingerprint(self) -> str:
-        """sha256 hex of what the images are, cheaply: a disk-cache key for features.
+        """sha256 hex of what the images are: a disk-cache key for features.
 
-        Files count by path + size + mtime_ns (one stat each, no reading), so replacing a file
-        changes the key; in-memory arrays count by their bytes.
+        Files count by their bytes (rsnl.files.file_digest, read once per process), not by path, size or
+        mtime: a file rewritten with other pixels is a new key whatever its size and dates, and a dataset
+        moved elsewhere keeps its key. In-memory arrays count by their bytes.
         """
         h = hashlib.sha256()
         h.update(json.dumps([self.name, self.classnames]).encode())
@@ -117,10 +119,10 @@ class ImageSet:
                 h.update(arr.tobytes())
             else:
                 try:
-                    st = os.stat(src)
+                    digest = file_digest(src)
                 except OSError as err:
                     raise DataError(_bad_image_message(self, i, src, err)) from None
-                h.update(f"{src}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+                h.update(f"file\0{digest}\n".encode())
         return h.hexdigest()
 
     def subset(self, indices) -> "ImageSet":

@@ -2,9 +2,10 @@
 
 The image tower never gets gradients, so its outputs for the test view of every image and for a fixed
 set of augmented training views are computed once and reused by every epoch of every trial. A cache
-entry is keyed by the exact weights, the images (their fingerprint), the split, the transform and the
-view; it is written atomically under a lock, with a checksum, so that racing or killed processes never
-leave a half-written entry that someone reads.
+entry is keyed by the exact weights (their file's digest), the images (the digest of their bytes), the
+split, the transform and the view; it is written atomically under a lock, with a checksum, so that racing
+or killed processes never leave a half-written entry that someone reads, and the lock and any temp file
+of a killed writer are removed.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torchvision import transforms as T
 
 from rsnl.data import Dataset, ImageSet
 from rsnl.errors import DataError
-from rsnl.files import atomic_write, default_cache_dir, locked
+from rsnl.files import atomic_write, default_cache_dir, locked, remove_stale_temps
 
 FORMAT = 1  # bump when the stored content changes meaning
 
@@ -119,8 +120,11 @@ def encode_images(model, images: ImageSet, transform, view: int = 0, batch_size:
     return torch.cat(out) if out else torch.empty(0)
 
 
-def cache_key(identity: str, images: ImageSet, transform, view: int, precision: str) -> str:
-    spec = {"format": FORMAT, "weights": identity, "images": images.fingerprint(), "split": images.name,
+def cache_key(identity: str, images: ImageSet, transform, view: int, precision: str,
+              fingerprint: str | None = None) -> str:
+    """`fingerprint`: images.fingerprint() when the caller has it (it reads every file)."""
+    spec = {"format": FORMAT, "weights": identity, "images": fingerprint or images.fingerprint(),
+            "split": images.name,
             "transform": re.sub(r" at 0x[0-9a-f]+", "", repr(transform)), "view": view, "precision": precision}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
@@ -148,9 +152,10 @@ def _write_entry(path: Path, feats: torch.Tensor, meta: dict) -> None:
 
 
 def cached_features(model, identity: str, images: ImageSet, transform, view: int, cache_dir,
-                    precision: str = "fp32", stats: dict | None = None, **encode_kw) -> torch.Tensor:
+                    precision: str = "fp32", stats: dict | None = None, fingerprint: str | None = None,
+                    **encode_kw) -> torch.Tensor:
     """Features of one view of one image set, computed at most once per cache entry."""
-    key = cache_key(identity, images, transform, view, precision)
+    key = cache_key(identity, images, transform, view, precision, fingerprint)
     path = Path(cache_dir) / key[:2] / f"{key}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
     feats = _read_entry(path)
@@ -158,6 +163,7 @@ def cached_features(model, identity: str, images: ImageSet, transform, view: int
         with locked(path):
             feats = _read_entry(path)  # another process may have finished it while we waited
             if feats is None:
+                remove_stale_temps(path)  # a killed writer's; no live writer without the lock
                 desc = f"{images.name} view {view}"
                 feats = encode_images(model, images, transform, view=view, precision=precision, desc=desc,
                                       **encode_kw)
@@ -180,7 +186,14 @@ def build_feature_bank(dataset: Dataset, model, preprocess, identity: str, aug_v
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     kw = dict(device=device, batch_size=batch_size, num_workers=num_workers, stats=stats)
     model = model.to(device)
-    get = lambda images, tf, view: cached_features(model, identity, images, tf, view, cache_dir, precision, **kw)
+    fingerprints = {}  # one read of the files per split, not one per view
+
+    def get(images, tf, view):
+        if id(images) not in fingerprints:
+            fingerprints[id(images)] = images.fingerprint()
+        return cached_features(model, identity, images, tf, view, cache_dir, precision,
+                               fingerprint=fingerprints[id(images)], **kw)
+
     aug = train_transform(preprocess, aug_scale)
     views = [get(dataset.train, aug, v) for v in range(1, aug_views + 1)]
     return FeatureBank(

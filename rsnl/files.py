@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
+import hashlib
 import io
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -76,14 +79,66 @@ def _umask() -> int:
     return mask
 
 
+def remove_stale_temps(path) -> None:
+    """Delete the temp files a killed atomic_write of `path` left; call it holding `path`'s lock, so that no
+    live writer's temp file goes."""
+    path = Path(path)
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
 @contextlib.contextmanager
 def locked(path):
-    """Exclusive lock on `<path>.lock` (flock: released by the kernel when the holder dies)."""
+    """Exclusive lock on `<path>.lock` (flock: released by the kernel when the holder dies). The holder
+    deletes the lock file before releasing it, so none is left behind; a waiter that then wins a lock on
+    the deleted file sees it is no longer the one at that name and tries again."""
     lock_path = Path(str(path) + ".lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    while True:
+        lock = open(lock_path, "a")
         try:
-            yield
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                current = os.stat(lock_path)
+            except FileNotFoundError:
+                current = None
+            mine = os.fstat(lock.fileno())
+            if current is not None and (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino):
+                break
+        except BaseException:
+            lock.close()
+            raise
+        lock.close()  # a lock on a deleted file excludes no one
+    try:
+        yield
+    finally:
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock_path)
         finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            lock.close()  # releases the flock
+
+
+# Digests of files this process has read, by the file's identity and change times. ctime is in the key
+# because every write and every utime moves it and no user can set it back, so an entry is never served
+# for other bytes; files changed within RACY_NS are not kept, as their ctime may not have ticked yet
+# (git's "racily clean" rule).
+_digests: dict[tuple, str] = {}
+RACY_NS = 2_000_000_000
+
+
+def file_digest(path) -> str:
+    """sha256 hex of a file's bytes (read once per process for files that do not change)."""
+    st = os.stat(path)
+    key = (os.fspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    digest = _digests.get(key)
+    if digest is None:
+        h = hashlib.sha256()  # sha256: with the CPU's SHA instructions faster than blake2b (~2 GB/s)
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+        digest = h.hexdigest()
+        if time.time_ns() - st.st_ctime_ns > RACY_NS:
+            _digests[key] = digest
+    return digest

@@ -8,7 +8,6 @@ all m x C prompts in one call of the frozen text tower.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
 import os
@@ -24,7 +23,7 @@ import open_clip
 
 from rsnl.config import CLASS_TOKEN_POSITIONS
 from rsnl.errors import ModelError
-from rsnl.files import is_weights_path
+from rsnl.files import file_digest, is_weights_path
 from rsnl.pretrain import TAGS as STANDIN_TAGS
 from rsnl.pretrain import ensure_standin, is_standin, standin_tags
 
@@ -84,20 +83,7 @@ def load_clip(name: str, pretrained: str | None = None, device="cpu", cache_dir=
     INIT_SEED, so the same weights in every process).
     """
     check_backbone(name, pretrained)
-    kwargs = {}
-    if pretrained is None:
-        path, identity = None, f"{name}|random-init-{INIT_SEED}"
-    elif is_standin(name, pretrained):  # built once, then loaded like any checkpoint file
-        path = str(ensure_standin(name, pretrained, cache_dir))
-        identity = f"{name}|{pretrained}|file-sha256:{_file_digest(path)}"
-    elif is_weights_path(pretrained):
-        path, identity = pretrained, f"{name}|file-sha256:{_file_digest(pretrained)}"
-    else:
-        cfg = open_clip.get_pretrained_cfg(name, pretrained)
-        path, identity = _resolve_tag(name, pretrained, cfg), f"{name}|{pretrained}"
-        kwargs["force_quick_gelu"] = bool(cfg.get("quick_gelu", False))
-        kwargs["force_preprocess_cfg"] = {k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode")
-                                          if k in cfg}
+    path, identity, kwargs = resolve_weights(name, pretrained, cache_dir)
     scripted = path is not None and is_torchscript(path)
     if scripted:  # OpenAI's release format: QuickGELU, as their models were trained with
         kwargs["force_quick_gelu"] = True
@@ -119,6 +105,25 @@ def load_clip(name: str, pretrained: str | None = None, device="cpu", cache_dir=
                              f"{type(e).__name__}{': ' + detail if detail else ''}") from None
     model.eval().requires_grad_(False)
     return LoadedClip(model, preprocess, open_clip.get_tokenizer(name), identity)
+
+
+def resolve_weights(name: str, pretrained: str | None, cache_dir=None) -> tuple[str | None, str, dict]:
+    """(weights file or None, identity, open_clip keyword arguments). The identity names the weights by
+    their file's content (sha256), never by its path or mtime: a tag's file replaced in the hub cache, or a
+    checkpoint rewritten in place, is other weights to the feature cache."""
+    kwargs = {}
+    if pretrained is None:
+        return None, f"{name}|random-init-{INIT_SEED}", kwargs
+    if is_standin(name, pretrained):  # built once, then loaded like any checkpoint file
+        path = str(ensure_standin(name, pretrained, cache_dir))
+        return path, f"{name}|{pretrained}|file-sha256:{_file_digest(path)}", kwargs
+    if is_weights_path(pretrained):
+        return pretrained, f"{name}|file-sha256:{_file_digest(pretrained)}", kwargs
+    cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    path = _resolve_tag(name, pretrained, cfg)
+    kwargs["force_quick_gelu"] = bool(cfg.get("quick_gelu", False))
+    kwargs["force_preprocess_cfg"] = {k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in cfg}
+    return path, f"{name}|{pretrained}|file-sha256:{_file_digest(path)}", kwargs
 
 
 # Entries of OpenAI's TorchScript archives that are not weights (and masks open_clip builds itself).
@@ -168,11 +173,7 @@ def quiet_random_init():
 
 
 def _file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+    return file_digest(path)[:16]
 
 
 def _resolve_tag(name: str, tag: str, cfg: dict) -> str:

@@ -103,13 +103,14 @@ def standin_path(backbone: str, tag: str, cache_dir=None) -> Path:
 
 def ensure_standin(backbone: str, tag: str, cache_dir=None, log=print) -> Path:
     """The stand-in's weights file, built now (under a lock, written atomically) if missing."""
-    from rsnl.files import locked
+    from rsnl.files import locked, remove_stale_temps
     path = standin_path(backbone, tag, cache_dir)
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     with locked(path):
         if not path.is_file():  # another process may have built it while we waited
+            remove_stale_temps(path)  # a killed build's 13 MB; no live writer without the lock
             log(f"[rsnl] building the stand-in VLM {backbone}/{tag} once (about a minute on 2 CPU cores) "
                 f"into {path}")
             pretrain(backbone, TAGS[tag][1], path)

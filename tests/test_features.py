@@ -191,3 +191,102 @@ def test_atomic_write_failure_keeps_old_content_and_leaves_no_temp(tmp_path):
     with pytest.raises(RuntimeError):
         atomic_write(path, half_then_fail)
     assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
+# ---- the cache serves features of these bytes only, and leaves no lock or temp file ----------------
+
+
+def test_image_bytes_changed_with_same_size_and_mtime_is_a_miss(tmp_path, tiny_clip):
+    """Images are keyed by content: other pixels in a file of the same size and mtime are new features."""
+    import os
+    root = tmp_path / "data"
+    make_coop_tree(root, counts=COUNTS, ext="bmp")  # uncompressed: other pixels, same file size
+    ds = load_dataset("dtd", str(root))
+    cache = tmp_path / "cache"
+    first, stats = build(ds, tiny_clip, cache, aug_views=0)
+    assert stats == {"computed": 3}
+
+    i = 4
+    path = ds.train.sources[i]
+    before = os.stat(path)
+    make_image(path, label=3, seed=12345)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(path)
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+
+    second, stats = build(load_dataset("dtd", str(root)), tiny_clip, cache, aug_views=0)
+    assert stats == {"computed": 1, "hits": 2}
+    assert not torch.allclose(second.train[i], first.train[i], atol=1e-3)
+    assert torch.equal(second.val, first.val)
+
+
+def test_fingerprint_follows_content_not_path_or_mtime(tmp_path):
+    import shutil
+    from rsnl.testing import touch_later
+    root = tmp_path / "data"
+    make_coop_tree(root, counts=COUNTS)
+    a = load_dataset("dtd", str(root)).val
+    fp = a.fingerprint()
+    touch_later(a.sources[0])  # same bytes, later mtime: the same features
+    assert a.fingerprint() == fp
+    shutil.copytree(root, tmp_path / "moved")  # the same dataset elsewhere: the same entries
+    assert load_dataset("dtd", str(tmp_path / "moved")).val.fingerprint() == fp
+
+
+def test_replaced_weights_file_with_same_mtime_is_a_miss(tmp_path, tiny_clip):
+    import os
+
+    from rsnl.models import load_clip
+    ds = load_dataset("dtd", str(make_coop_tree(tmp_path / "data", counts=COUNTS).parent))
+    weights = tmp_path / "w.pt"
+
+    def save(seed):
+        g = torch.Generator().manual_seed(seed)
+        torch.save({k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+                    for k, v in tiny_clip.model.state_dict().items()}, weights)
+
+    save(1)
+    first = load_clip("rsnl-tiny", str(weights))
+    cache = tmp_path / "cache"
+    bank, stats = build(ds, first, cache, aug_views=0)
+    assert stats == {"computed": 3}
+    before = os.stat(weights)
+    save(2)
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    second = load_clip("rsnl-tiny", str(weights))
+    assert second.identity != first.identity
+    other, stats = build(ds, second, cache, aug_views=0)
+    assert stats == {"computed": 3}
+    assert not torch.allclose(other.test, bank.test, atol=1e-3)
+
+
+def test_cache_leaves_no_lock_or_temp_files(built, tiny_clip, tmp_path):
+    """Locks are removed by their holder; a temp file left by a killed writer goes with the next write."""
+    ds, _, bank, _ = built
+    cache = tmp_path / "cache"
+    _, stats = build(ds, tiny_clip, cache)
+    assert stats == {"computed": 5}
+    assert not list(cache.rglob("*.lock")) and not list(cache.rglob("*.tmp"))
+    path = entry_path(cache, tiny_clip, ds.val, tiny_clip.preprocess, 0)
+    path.unlink()
+    stale = path.parent / f".{path.name}.killed.tmp"  # as atomic_write names its temp files
+    stale.write_bytes(b"half an entry")
+    _, stats = build(ds, tiny_clip, cache)
+    assert stats == {"computed": 1, "hits": 4}
+    assert not list(cache.rglob("*.lock")) and not list(cache.rglob("*.tmp"))
+
+
+def test_lock_is_exclusive_across_processes_while_holders_remove_it(tmp_path):
+    """Three processes add 1 to a file 40 times each under locked(): none is lost although each holder
+    deletes the lock file (a waiter on a deleted lock file must not think it holds the lock)."""
+    import subprocess
+    import sys
+    counter = tmp_path / "counter"
+    counter.write_text("0")
+    code = ("import sys, time\nfrom rsnl.files import locked\nfrom pathlib import Path\np = Path(sys.argv[1])\n"
+            "for _ in range(40):\n    with locked(p):\n        n = int(p.read_text())\n        time.sleep(0.001)\n"
+            "        p.write_text(str(n + 1))\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(counter)]) for _ in range(3)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+    assert counter.read_text() == "120"
+    assert not (tmp_path / "counter.lock").exists()

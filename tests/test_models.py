@@ -280,6 +280,28 @@ def test_cached_tag_is_found_in_hf_cache(empty_caches):
     assert models._resolve_tag("RN50", "openai", cfg) == str(snap / "open_clip_model.safetensors")
 
 
+def test_tagged_weights_are_identified_by_their_file_content(empty_caches):
+    """A tag's identity (the feature cache's key for its weights) follows the bytes of the file the tag
+    resolves to: a replaced file with the same mtime is other weights."""
+    import open_clip
+    cfg = open_clip.get_pretrained_cfg("RN50", "openai")
+    repo = cfg["hf_hub"].rstrip("/")
+    snap = empty_caches / "hf" / "hub" / f"models--{repo.replace('/', '--')}" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (snap.parent.parent / "refs").mkdir()
+    (snap.parent.parent / "refs" / "main").write_text("abc123")
+    weights = snap / "open_clip_model.safetensors"
+    weights.write_bytes(b"weights one")
+    path, first, _ = models.resolve_weights("RN50", "openai")
+    assert path == str(weights) and first.startswith("RN50|openai|file-sha256:")
+    before = os.stat(weights)
+    weights.write_bytes(b"weights two")
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert models.resolve_weights("RN50", "openai")[1] != first
+    weights.write_bytes(b"weights one")
+    assert models.resolve_weights("RN50", "openai")[1] == first
+
+
 def test_openai_url_cache_is_found(empty_caches):
     import open_clip
     cfg = {"url": open_clip.get_pretrained_cfg("RN50", "openai")["url"]}
