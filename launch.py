@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -44,12 +45,10 @@ def run_parser() -> argparse.ArgumentParser:
 
 
 def load_from_args(args):
+    """The study to run: from the preset or file and the options, or, on --resume, the stored one."""
     from tune.study import load_study, smoke, with_runtime_options
-    if args.resume and not (args.config or args.preset):
-        # The stored copy of the study is read later; only its location is needed here.
-        from tune.study import StudyConfig
-        name = args.name or ("dtd-ablation" if not args.smoke_test else "dtd-ablation-smoke")
-        return StudyConfig(name=name, trial={}, storage=args.storage or "./results")
+    if args.resume:
+        return stored_from_args(args)
     study = load_study(args.config, args.preset, args.set)
     if args.smoke_test:
         study = smoke(study)
@@ -58,70 +57,120 @@ def load_from_args(args):
                                 storage=args.storage, name=args.name)
 
 
-def describe(study, exp: str) -> str:
-    from tune.optuna_store import storage_url
+def stored_from_args(args):
+    """--resume runs the study stored in STORAGE/NAME, as it was started; found from any directory."""
+    from rsnl import storage
+    from rsnl.errors import ConfigError
+    from rsnl.study import STUDY_FILE, check_name, read_stored
+    from tune.study import load_study, smoke
+    changes = [flag for flag, v in (("--set", args.set), ("--gpus-per-trial", args.gpus_per_trial),
+                                    ("--cpus-per-trial", args.cpus_per_trial),
+                                    ("--max-concurrent", args.max_concurrent),
+                                    ("--num-samples", args.num_samples)) if v not in (None, [])]
+    if changes:
+        raise ConfigError(f"--resume: continues the stored study as it started; {', '.join(changes)} cannot "
+                          f"change it (run a new study with another --name instead)")
+    name, where = args.name, args.storage
+    if args.config or args.preset:  # the name (and storage) of the study that file or preset starts
+        started = load_study(args.config, args.preset)
+        started = smoke(started) if args.smoke_test else started
+        name, where = name or started.name, where or started.storage
+    if name is None:
+        raise ConfigError("--resume: needs --name (the study's folder inside --storage), or the --preset or "
+                          "--config it was started with")
+    experiment = storage.join(storage.absolute(where or "./results"), check_name(name, "--name"))
+    try:
+        if not storage.exists(storage.join(experiment, STUDY_FILE)):
+            raise ConfigError(f"--resume: no study to resume at {experiment} ({STUDY_FILE} missing); check --storage "
+                              f"and --name")
+        return read_stored(experiment)
+    except OSError as e:
+        raise ConfigError(f"--resume: cannot read {experiment} ({' '.join(str(e).split())[:200]})") from None
+
+
+def dashboard_line(exp: str) -> str:
+    import importlib.util
+    from tune.record import local_path, storage_url
+    if importlib.util.find_spec("optuna_dashboard") is None:
+        return '[rsnl] optuna:      pip install -e ".[dashboard]" for optuna-dashboard (optuna.db is written)'
+    return f"[rsnl] optuna:      optuna-dashboard {storage_url(local_path(exp))}"
+
+
+def describe(study) -> str:
+    from rsnl import storage
+    from tune.run import LOG_FILE
+    exp = study.experiment_path()
     members = study.group_members
     group = f" x group of {len(members)}" if len(members) > 1 else ""
-    lines = [f"[rsnl] study {study.name}: {study.kind} search, {study.num_trials()} trial(s){group}, "
-             f"objective {study.metric} ({study.mode}), {study.cpu:g} CPU + {study.gpu:g} GPU per trial",
-             f"[rsnl] results:     {exp}",
-             f"[rsnl] tensorboard: tensorboard --logdir {exp}"]
-    if study.kind in ("optuna", "random") and "://" not in exp:
-        lines.append(f"[rsnl] optuna:      optuna-dashboard {storage_url(exp)}")
-    return "\n".join(lines)
+    log = storage.join(exp, LOG_FILE) if not storage.is_uri(exp) else f"{LOG_FILE} in the experiment (at the end)"
+    return "\n".join([
+        f"[rsnl] study {study.name}: {study.kind} search, {study.num_trials()} trial(s){group}, "
+        f"objective {study.metric} ({study.mode}), {study.cpu:g} CPU + {study.gpu:g} GPU per trial",
+        f"[rsnl] results:     {exp}",
+        f"[rsnl] tensorboard: tensorboard --logdir {exp}",
+        dashboard_line(exp),
+        f"[rsnl] Ray's log:   {log}"])
 
 
-def summarize(results, study, exp: str) -> str:
-    ok = [r for r in results if r.error is None and r.metrics]
-    unfinished = len(results) - results.num_terminated - results.num_errors
-    lines = [f"[rsnl] {results.num_terminated} trial(s) finished, {results.num_errors} failed"
-             + (f", {unfinished} unfinished" if unfinished else "")]
-    if any(study.metric in (r.metrics or {}) for r in ok):
-        best = results.get_best_result(metric=study.metric, mode=study.mode, scope="last")
-        params = {k: best.config.get(k) for k in study.params}
-        if isinstance(best.config.get("variant"), dict):
-            params["variant"] = best.config["variant"]["name"]
-        m = best.metrics
-        lines.append(f"[rsnl] best trial {best.path}")
-        lines.append(f"[rsnl]   params {params}; {study.metric} {m.get(study.metric):.2f}, "
-                     f"test_acc {m.get('test_acc', float('nan')):.2f} (last epoch)")
+def summarize(tally, study) -> str:
+    exp = study.experiment_path()
+    parts = [f"{tally.finished} of {tally.planned} trial(s) finished", f"{tally.failed} failed"]
+    if tally.unfinished:
+        parts.append(f"{tally.unfinished} unfinished")
+    lines = [f"[rsnl] {', '.join(parts)}"]
+    if tally.best:
+        b = tally.best
+        test = f", test_acc {b['test_acc']:.2f}" if "test_acc" in b else ""
+        lines.append(f"[rsnl] best trial {b.get('trial_folder', b.get('tune_trial_id'))}: {b['params']}; "
+                     f"{study.metric} {b['value']:.2f}{test} (last epoch)")
     lines.append(f"[rsnl] results in {exp}; report: python launch.py report {exp}")
     return "\n".join(lines)
 
 
+def resume_hint(study) -> str:
+    """How to continue, only where a continuation exists (the study file is stored)."""
+    from rsnl import storage
+    from rsnl.study import STUDY_FILE
+    exp = study.experiment_path() if study is not None else None
+    try:
+        stored = exp is not None and storage.exists(storage.join(exp, STUDY_FILE))
+    except OSError:
+        stored = False
+    if not stored:
+        return "[rsnl] interrupted before the study started; nothing to resume (run the same command again)"
+    return (f"[rsnl] interrupted; continue with: python launch.py --resume --name {study.name} "
+            f"--storage {study.storage_path()}")
+
+
 def cmd_run(argv) -> int:
     args = run_parser().parse_args(argv)
+    if args.address is None:
+        # Token authentication on, as Ray's default for a new local cluster, but stated: Ray then does not
+        # warn about it on every start. Before Ray is imported (it reads this once); a user's value wins.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     errors = user_errors()
     study = None
     try:
+        from tune.resources import sigterm_as_sigint
+        sigterm_as_sigint()
         study = load_from_args(args)
+        from tune.progress import Progress
+        from tune.record import tally
         from tune.run import run_study
-
-        def on_start(resolved):  # on resume: the stored study, not the command line's
-            nonlocal study
-            study = resolved
-            print(describe(study, study.experiment_path()), flush=True)
-
-        results, exp, _ = run_study(study, address=args.address, resume=args.resume, on_start=on_start)
+        run_study(study, address=args.address, resume=args.resume, progress=Progress(study),
+                  announce=lambda: print(describe(study), flush=True))
+        outcome = tally(study.experiment_path(), study)
     except errors as e:
         print(f"launch.py: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        print("\n" + resume_hint(study), file=sys.stderr)
+        return 130
+    print(summarize(outcome, study), flush=True)
+    if outcome.unfinished:
         print(resume_hint(study), file=sys.stderr)
         return 130
-    print(summarize(results, study, exp), flush=True)
-    # Tune stops gracefully on Ctrl-C: trials left unfinished, or never suggested
-    if results.num_terminated + results.num_errors < max(len(results), study.num_trials()):
-        print(resume_hint(study), file=sys.stderr)
-        return 130
-    return 0 if results.num_errors == 0 else 1
-
-
-def resume_hint(study) -> str:
-    if study is None:
-        return "\n[rsnl] interrupted before the study started"
-    return (f"\n[rsnl] interrupted; continue with: python launch.py --resume --name {study.name} "
-            f"--storage {study.storage}")
+    return 1 if outcome.failed else 0
 
 
 def cmd_presets(argv) -> int:
@@ -134,8 +183,8 @@ def cmd_presets(argv) -> int:
 def cmd_report(argv) -> int:
     p = argparse.ArgumentParser(prog="python launch.py report",
                                 description="Write report.md with tables and PNG plots of a study.")
-    p.add_argument("experiment", help="the experiment folder (STORAGE/NAME)")
-    p.add_argument("--out", help="output folder (default: EXPERIMENT/report)")
+    p.add_argument("experiment", help="the experiment folder (STORAGE/NAME), or its URI (s3://bucket/studies/NAME)")
+    p.add_argument("--out", help="output folder (default: EXPERIMENT/report; ./NAME-report for a URI)")
     args = p.parse_args(argv)
     try:
         from analysis.report import write_report

@@ -6,7 +6,7 @@
     python launch.py report results/quickstart     # report.md + PNGs
 
 Modules: load (files -> DataFrame), tables (Markdown/LaTeX tables), plots (matplotlib figures),
-importance (an Optuna study rebuilt from the results, importances and Optuna's plots), report.
+importance (the study's Optuna record optuna.db, importances and Optuna's plots), report.
 """
 
 from analysis.load import last_epoch, load_experiment, trial_summary

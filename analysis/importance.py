@@ -1,84 +1,36 @@
-"""The Optuna view of a search: a Study rebuilt in memory from the results, importances, plots.
+"""The Optuna view of a search: the study's Optuna record, importances, Optuna's plots.
 
-The study is rebuilt from result.json rather than read from optuna.db: the database only gets a
-trial when Tune reports it finished (it lags a running study), and rebuilding fixes the objective to
-what the protocol means, the group mean of the study's metric at each trial's last epoch.
-Every function that can have too little to work with returns a one-line note instead of raising.
+The record is optuna.db in the experiment, the one optuna-dashboard shows: the driver adds every trial
+as it finishes, valued at the group mean of the study's metric at its last epoch (the protocol's
+number), with the per-epoch values. Trials still running are not in it yet. Every function that can
+have too little to work with returns a one-line note instead of raising.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import pandas as pd
 
+from analysis.load import record_study
+
 EVALUATORS = ("default", "fanova")
 ALPHA_PARAMS = ("alpha_base", "alpha_rate")
-
-
-def distributions(study) -> dict:
-    """Optuna distributions of the searched keys (as tune/optuna_store.py, which imports Ray)."""
-    import optuna.distributions as od
-    out = {}
-    for key, spec in study.params.items():
-        (dist, v), = spec.items()
-        if dist in ("choice", "grid"):
-            out[key] = od.CategoricalDistribution(list(v))
-        elif dist == "int":
-            out[key] = od.IntDistribution(v[0], v[1])
-        else:
-            out[key] = od.FloatDistribution(v[0], v[1], log=dist == "loguniform")
-    return out
 
 
 def objective_name(df: pd.DataFrame) -> str:
     return f"{df.attrs.get('metric', 'objective')} (group mean, last epoch)"
 
 
-def build_study(df: pd.DataFrame):
-    """An in-memory optuna Study with one trial per Tune trial, in start order: COMPLETE with the
-    objective at its last epoch, FAIL if it errored, PRUNED if stopped early; running and pending
-    trials are not added (they have no final value yet)."""
-    import optuna
-    from optuna.trial import TrialState
+def record(df: pd.DataFrame):
+    """The experiment's Optuna record (optuna.db) as an in-memory optuna Study."""
     study = df.attrs.get("study")
     if study is None or study.kind == "grid" or not study.params:
         raise ValueError("an Optuna view needs an optuna or random search (a grid study has no sampled params)")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    ostudy = optuna.create_study(study_name=study.name, direction="maximize" if study.mode == "max" else "minimize")
-    dists = distributions(study)
-    order = df.groupby("trial_id", sort=False)["started"].first().sort_values(kind="stable").index
-    for tid in order:
-        t = df[df["trial_id"] == tid]
-        status = t["status"].iloc[0]
-        done = t.dropna(subset=["epoch"])
-        per_epoch = done.groupby("epoch")["objective"].first()
-        complete = not done.empty and bool(done.groupby("run")["complete"].any().all())
-        value = per_epoch.iloc[-1] if len(per_epoch) else math.nan
-        if complete and math.isfinite(value):
-            state = TrialState.COMPLETE
-        elif status == "ERROR" or (complete and not math.isfinite(value)):
-            state, value = TrialState.FAIL, None
-        elif status == "TERMINATED":
-            state, value = TrialState.PRUNED, None
-        else:
-            continue
-        row = t.iloc[0]
-        last = done[done["epoch"] == done["epoch"].max()] if not done.empty else done
-        attrs = {"tune_trial_id": tid, "method": row["method"]}
-        if not last.empty and last["test_acc"].notna().any():
-            attrs["test_acc"] = float(last["test_acc"].mean())
-        ostudy.add_trial(optuna.trial.create_trial(
-            state=state, value=value, params={k: _plain(row[k]) for k in dists}, distributions=dists,
-            user_attrs=attrs,
-            intermediate_values={int(e): float(v) for e, v in per_epoch.items() if math.isfinite(v)}))
+    ostudy = record_study(df.attrs["path"], study)
+    if ostudy is None:
+        raise ValueError(f"{df.attrs['path']}: no optuna.db (the study writes it as its trials finish)")
     return ostudy
-
-
-def _plain(v):
-    """numpy scalars from the frame -> Python values (Optuna checks categorical choices by equality)."""
-    return v.item() if hasattr(v, "item") else v
 
 
 def importance_note(ostudy) -> str | None:

@@ -1,81 +1,111 @@
-"""Read an experiment folder into one tidy DataFrame: one row per run and epoch, without Ray.
+"""Read an experiment into one tidy DataFrame: one row per run and epoch, without Ray.
 
 A "run" is one (trial, group member): an Optuna trial scored on seeds 1 and 2 gives two runs, each
 with its own noise_rate/seed columns, so tables and curves treat every study kind alike. Only files
-are read (rsnl_study.yaml, Tune's experiment_state-*.json, each trial's params.json and result.json),
-so this works on a copied folder and while the study is still running. Trials that failed, are still
-running or never started stay in the frame with their status; trials without any result get one row
-with epoch NaN, so nothing disappears silently.
+are read, each through rsnl.study (the owner of the study's format): rsnl_study.yaml, the Optuna record
+optuna.db, and in each trial folder Tune's params.json, result.json and error.txt and rsnl's
+rsnl_trial.json (the configs the trial ran, so nothing is rebuilt or re-validated with later code).
+This works on a copied or moved folder, on a study in a bucket (s3://..., copied to a local mirror
+without its checkpoints), and while the study is still running. A trial's status comes from the
+record when it finished; else from its folder (running, or failed with error.txt). Trials that
+never started have no folder; `df.attrs["planned"]` says how many the study has.
 """
 
 from __future__ import annotations
 
-import json
 import math
+import sqlite3
+import tempfile
 import warnings
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
-STUDY_FILE = "rsnl_study.yaml"  # written by tune/run.py (not imported: it pulls in Ray)
-METRICS = ("lr", "train_loss", "train_acc", "val_acc", "test_acc", "zeroshot_acc", "alpha", "kept_frac", "select_precision",
-           "select_recall", "noise_auroc", "epoch_seconds")
+from rsnl import storage
+from rsnl.errors import UserError
+from rsnl.study import (EPOCH_METRICS, RECORD_FILE, STUDY_FILE, TRIAL_FILE, error_line, flatten_variant, member_name,
+                        read_json, read_stored)
+
 # The epoch's learning rate would overwrite the config's base `lr` (a searchable key).
+METRICS = tuple(k for k in EPOCH_METRICS if k not in ("epoch", "ot_residual"))
 METRIC_COLUMNS = {k: ("epoch_lr" if k == "lr" else k) for k in METRICS}
-FINISHED, FAILED = "TERMINATED", "ERROR"
+FINISHED, FAILED, RUNNING = "TERMINATED", "ERROR", "RUNNING"
 ID_COLUMNS = ("trial_id", "trial", "status", "error", "member", "run", "method", "variant", "started")
 
 
 def experiment_dir(path) -> Path:
-    """The folder itself, or a one-line FileNotFoundError / ValueError if it holds no Tune results."""
+    """The folder itself (a URI is mirrored to a local folder first), or a one-line FileNotFoundError /
+    ValueError if it holds no Tune results."""
+    if storage.is_uri(str(path)):
+        path = mirror(str(path))
     exp = Path(path).expanduser()
     if not exp.is_dir():
         raise FileNotFoundError(f"{exp}: no such experiment folder (expected STORAGE/NAME of a study)")
-    if not _trial_dirs(exp) and not list(exp.glob("experiment_state-*.json")):
-        raise ValueError(f"{exp}: holds no Tune results (no trial folders, no experiment_state-*.json); "
+    if not _trial_dirs(exp) and not (exp / STUDY_FILE).is_file():
+        raise ValueError(f"{exp}: holds no study results (no trial folders, no {STUDY_FILE}); "
                          f"is it STORAGE/NAME of a study that has started?")
     return exp
 
 
-def read_study(exp):
-    """The StudyConfig stored with the experiment, or None (a plain Tune experiment)."""
-    path = Path(exp) / STUDY_FILE
-    if not path.is_file():
-        return None
-    from tune.study import parse_study
+def mirror(uri: str) -> Path:
+    """A local copy of an experiment in a bucket, without checkpoints (what the analysis reads)."""
     try:
-        return parse_study(yaml.safe_load(path.read_text()))
-    except (ValueError, TypeError, yaml.YAMLError) as e:  # an older study's results are still readable
-        warnings.warn(f"{path}: cannot be parsed ({e}); using trial folders only")
+        if not storage.exists(storage.join(uri, STUDY_FILE)):
+            raise FileNotFoundError(f"{uri}: no such experiment ({STUDY_FILE} missing; expected STORAGE/NAME)")
+        return storage.download(uri, storage.mirror_dir(uri, "mirrors"),
+                                skip=lambda rel: any(p.startswith("checkpoint_") for p in rel.split("/")))
+    except OSError as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise FileNotFoundError(f"{uri}: cannot be read ({' '.join(str(e).split())[:200]})") from None
+
+
+def read_study(exp):
+    """The StudyConfig stored with the experiment, read as it was written (not re-validated), or None."""
+    if not (Path(exp) / STUDY_FILE).is_file():
+        return None
+    try:
+        return read_stored(str(exp), check=False)
+    except (UserError, ValueError, TypeError) as e:  # the trial folders are still readable
+        warnings.warn(f"{Path(exp) / STUDY_FILE}: cannot be read ({e}); using trial folders only")
         return None
 
 
-def read_states(exp) -> dict[str, dict]:
-    """Trial status from the newest experiment_state-*.json, keyed by the trial's folder name.
-
-    Tune writes that file every few seconds, so it can lag behind the folders or be mid-write;
-    callers fall back to what the folders say.
-    """
-    files = sorted(Path(exp).glob("experiment_state-*.json"), key=lambda p: (p.stat().st_mtime, p.name))
-    for path in reversed(files):
+def record_study(exp, study):
+    """The Optuna study of optuna.db, copied into memory (None without a record): what optuna-dashboard
+    shows. The file is copied with SQLite's backup first, so a driver writing it meanwhile is neither
+    blocked nor seen half-way."""
+    import optuna
+    path = Path(exp) / RECORD_FILE
+    if study is None or not path.is_file():
+        return None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    memory = optuna.create_study(study_name=study.name, direction="maximize" if study.mode == "max" else "minimize")
+    with tempfile.TemporaryDirectory() as d:
+        copy = Path(d) / RECORD_FILE
+        src, dst = sqlite3.connect(f"file:{path}?mode=ro", uri=True), sqlite3.connect(copy)
         try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        out = {}
-        for entry in data.get("trial_data", []):
-            try:
-                state, meta = json.loads(entry[0]), json.loads(entry[1])
-            except (TypeError, ValueError, IndexError):
-                continue
-            name = state.get("relative_logdir") or state.get("custom_dirname") or state.get("trial_id")
-            out[name] = {"trial_id": state.get("trial_id"), "status": state.get("status"),
-                         "config": state.get("config") if isinstance(state.get("config"), dict) else None,
-                         "error_file": meta.get("error_filename"), "num_failures": meta.get("num_failures", 0),
-                         "start_time": meta.get("start_time")}
-        return out
-    return {}
+            src.backup(dst)
+        finally:
+            src.close()
+            dst.close()
+        disk = optuna.storages.RDBStorage(f"sqlite:///{copy}")
+        try:
+            memory.add_trials(optuna.load_study(study_name=study.name, storage=disk).get_trials())
+        except KeyError:  # the file holds no study of this name yet
+            pass
+        finally:
+            disk.engine.dispose()
+    return memory
+
+
+def read_record(exp, study) -> dict[str, dict]:
+    """{Tune trial id: {state, value}} of the trials optuna.db records ({} without a record)."""
+    memory = record_study(exp, study)
+    if memory is None:
+        return {}
+    return {t.user_attrs.get("tune_trial_id"): {"state": t.state.name, "value": t.value}
+            for t in memory.get_trials(deepcopy=False)}
 
 
 def read_results(trial_dir) -> list[dict]:
@@ -83,6 +113,7 @@ def read_results(trial_dir) -> list[dict]:
     path = Path(trial_dir) / "result.json"
     if not path.is_file():
         return []
+    import json
     by_epoch: dict[int, dict] = {}
     for line in path.read_text().splitlines():
         try:
@@ -94,58 +125,21 @@ def read_results(trial_dir) -> list[dict]:
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
-def error_line(trial_dir) -> str:
-    """The exception line of Tune's error.txt ('' if none)."""
-    path = Path(trial_dir) / "error.txt"
-    if not path.is_file():
-        return ""
-    lines = [x.strip() for x in path.read_text(errors="replace").splitlines() if x.strip()]
-    for x in reversed(lines):
-        head = x.split(":", 1)[0]
-        if head.replace(".", "").replace("_", "").isalnum() and head.endswith(("Error", "Exception", "Interrupt",
-                                                                                "Exit")):
-            return x
-    return lines[-1] if lines else ""
-
-
 def _trial_dirs(exp: Path) -> list[Path]:
-    return sorted(p for p in exp.iterdir() if p.is_dir() and ((p / "params.json").is_file()
-                                                               or (p / "result.json").is_file()))
+    return sorted(p for p in exp.iterdir() if p.is_dir() and any((p / f).is_file() for f in
+                                                                  (TRIAL_FILE, "params.json", "result.json")))
 
 
-def _member_dict(name: str) -> dict:
-    """'noise_rate=0.5,seed=1' -> {'noise_rate': 0.5, 'seed': 1} (tune.study.member_name reversed)."""
-    if name in ("", "single"):
-        return {}
-    out = {}
-    for part in name.split(","):
-        k, _, v = part.partition("=")
-        out[k] = yaml.safe_load(v)
-    return out
-
-
-def _flat_params(params: dict) -> dict:
-    out = {k: v for k, v in params.items() if k != "variant"}
-    if isinstance(params.get("variant"), dict):
-        out.update({k: v for k, v in params["variant"].items() if k != "name"})
-    return out
-
-
-def _member_configs(study, params: dict) -> dict[str, dict]:
-    """member name -> full trial config (study.trial + params + variant + member)."""
-    if study is not None:
-        try:
-            return {name: cfg.to_dict() for name, cfg in study.trial_configs(params)}
-        except (ValueError, TypeError) as e:  # a config the current code rejects still has readable results
-            warnings.warn(f"trial config {params} no longer validates ({e}); using the raw values")
-            base = {**study.trial, **_flat_params(params)}
-            return {name: {**base, **_member_dict(name)} for name in _names(study)}
-    return {"single": _flat_params(params)}
-
-
-def _names(study) -> list[str]:
-    from tune.study import member_name
-    return [member_name(m) for m in study.group_members]
+def _member_configs(tdir: Path, study) -> tuple[dict, dict[str, dict]]:
+    """(params, member name -> full trial config) as the trial recorded them; for a trial that has not
+    written its record yet, the stored study's values with the params (not validated)."""
+    if (tdir / TRIAL_FILE).is_file():
+        record = read_json(tdir / TRIAL_FILE)
+        return record.get("params") or {}, record["members"]
+    params = read_json(tdir / "params.json") if (tdir / "params.json").is_file() else {}
+    base = {**(study.trial if study else {}), **flatten_variant(params)}
+    members = study.group_members if study else [{}]
+    return params, {member_name(m): {**base, **m} for m in members}
 
 
 def method_label(config: dict, study=None) -> str:
@@ -164,26 +158,21 @@ def method_label(config: dict, study=None) -> str:
 def load_experiment(path) -> pd.DataFrame:
     """One row per run (trial x group member) and epoch; see the module docstring.
 
-    Columns: trial_id, trial (folder name), status (TERMINATED, ERROR, RUNNING, PENDING, ...), error
-    (exception line of a failed trial), member, run, method, variant, started (the trial's start, unix
-    time; orders an optimisation history), epoch (0-indexed, NaN for a run
-    without results), the metrics of METRICS (the epoch's `lr` as epoch_lr), objective (the trial's
-    reported group mean of the study's metric), complete (the run reached its last epoch), then every
-    trial-config key (noise_rate, seed, blocks, alpha_base, ...).
-    df.attrs holds path, study (StudyConfig or None), name, kind, metric, mode, searched (param keys).
+    Columns: trial_id, trial (folder name), status (TERMINATED, ERROR, RUNNING), error (exception line
+    of a failed trial), member, run, method, variant, started (the trial's start, unix time), epoch
+    (0-indexed, NaN for a run without results), the metrics of METRICS (the epoch's `lr` as epoch_lr),
+    objective (the trial's reported group mean of the study's metric), complete (the run reached its
+    last epoch), then every trial-config key (noise_rate, seed, blocks, alpha_base, ...).
+    df.attrs holds path, study (StudyConfig or None), name, kind, metric, mode, searched (param keys),
+    planned (trials the study has).
     """
     exp = experiment_dir(path)
     study = read_study(exp)
-    states = read_states(exp)
+    record = read_record(exp, study)
     metric = study.metric if study is not None else "val_acc"
     rows: list[dict] = []
-    seen = set()
     for tdir in _trial_dirs(exp):
-        seen.add(tdir.name)
-        rows += _trial_rows(tdir, states.get(tdir.name), study, metric)
-    for name, st in states.items():  # in the experiment state but no folder yet: pending
-        if name not in seen:
-            rows += _trial_rows(exp / name, st, study, metric)
+        rows += _trial_rows(tdir, record, study, metric)
     df = pd.DataFrame(rows)
     if df.empty:
         raise ValueError(f"{exp}: holds no trials yet")
@@ -195,35 +184,34 @@ def load_experiment(path) -> pd.DataFrame:
     df = df.sort_values(["trial", "member", "epoch"], kind="stable").reset_index(drop=True)
     df.attrs.update(path=str(exp), study=study, name=study.name if study else exp.name,
                     kind=study.kind if study else "grid", metric=metric,
-                    mode=study.mode if study else "max", searched=list(study.params) if study else [])
+                    mode=study.mode if study else "max", searched=list(study.params) if study else [],
+                    planned=study.num_trials() if study else df["trial"].nunique())
     return df
 
 
-def _trial_rows(tdir: Path, state: dict | None, study, metric: str) -> list[dict]:
-    params = {}
-    if (tdir / "params.json").is_file():
-        params = json.loads((tdir / "params.json").read_text())
-    elif state and state.get("config"):
-        params = state["config"]
+def _trial_rows(tdir: Path, record: dict, study, metric: str) -> list[dict]:
+    params, configs = _member_configs(tdir, study)
     results = read_results(tdir)
-    configs = _member_configs(study, params)
-    status = (state or {}).get("status")
-    if not status:  # not in the (lagging) experiment state: judge from the folder
+    trial_id = (read_json(tdir / TRIAL_FILE).get("trial_id") if (tdir / TRIAL_FILE).is_file()
+                else results[0].get("trial_id") if results else tdir.name)
+    recorded = record.get(trial_id)
+    if recorded is not None:
+        status = FAILED if recorded["state"] == "FAIL" else FINISHED
+    else:  # not finished yet (or a study without a record): judge from the folder
         planned = max(int(c.get("epochs") or 0) for c in configs.values())
         reached = bool(results) and int(results[-1]["epoch"]) + 1 >= planned
-        status = FINISHED if reached else FAILED if (tdir / "error.txt").is_file() else "RUNNING"
-    error = error_line(tdir) if status == FAILED else ""
-    trial_id = (state or {}).get("trial_id") or (results[0].get("trial_id") if results else tdir.name)
-    started = (state or {}).get("start_time")
-    if not isinstance(started, (int, float)) and results:  # the first report's time, less its epoch
+        status = FINISHED if reached else FAILED if (tdir / "error.txt").is_file() else RUNNING
+    error = error_line((tdir / "error.txt").read_text(errors="replace")) if status == FAILED and \
+        (tdir / "error.txt").is_file() else ""
+    started = math.nan
+    if results:  # the first report's time, less its epoch
         started = _number_or_nan(results[0].get("timestamp")) - _number_or_nan(results[0].get("time_this_iter_s"))
     variant = params.get("variant", {}).get("name") if isinstance(params.get("variant"), dict) else None
     single = len(configs) == 1
     rows = []
     for member, cfg in configs.items():
         base = {"trial_id": trial_id, "trial": tdir.name, "status": status, "error": error, "member": member,
-                "run": f"{trial_id}/{member}", "variant": variant,
-                "started": _number_or_nan(started), **cfg}
+                "run": f"{trial_id}/{member}", "variant": variant, "started": started, **cfg}
         base["method"] = method_label({**cfg, "variant": variant}, study)
         if not results:
             rows.append({**base, "epoch": math.nan, "complete": False})

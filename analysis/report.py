@@ -20,6 +20,7 @@ from analysis.tables import (
     paired_table,
     selection_table,
 )
+from rsnl import storage
 from rsnl.files import atomic_write
 
 REPORT = "report.md"
@@ -33,13 +34,16 @@ def _use_agg() -> None:
 
 
 def write_report(experiment, out=None, evaluator: str = "default") -> Path:
-    """Write OUT/report.md (default OUT: EXPERIMENT/report) with PNGs beside it; returns its path.
-    A missing folder raises FileNotFoundError, one without results ValueError (one-line messages)."""
+    """Write OUT/report.md (default OUT: EXPERIMENT/report; for a study in a bucket, ./NAME-report) with
+    PNGs beside it; returns its path. A missing folder raises FileNotFoundError, one without results
+    ValueError (one-line messages)."""
     df = load_experiment(experiment)
     _use_agg()
     from analysis import plots
 
-    out = Path(out) if out else Path(experiment) / "report"
+    if out is None:
+        out = Path(f"{df.attrs['name']}-report") if storage.is_uri(str(experiment)) else Path(experiment) / "report"
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.png"):  # a previous report's plots (e.g. of a noise rate since dropped)
         old.unlink()
@@ -118,7 +122,7 @@ def _search_section(md: list[str], df, evaluator: str, figure) -> None:
     if len(best):
         md += [(f"Best trials by {df.attrs['metric']} (group mean at the last epoch; test_acc: mean over the "
                 "group):"), "", frame_markdown(best), ""]
-    ostudy = importance.build_study(df)
+    ostudy = importance.record(df)
     imp, note = importance.importances(ostudy, evaluator)
     md += [f"### Parameter importance ({importance.evaluator_name(evaluator)})", ""]
     if imp:

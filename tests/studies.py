@@ -42,5 +42,5 @@ def optuna_study(storage, cache_dir, name="search", num_samples=4, **trial_chang
 def run(values: dict, **kw):
     """Parse and run a study dict in this process (Ray must be up); returns (ResultGrid, path, stats)."""
     from tune.run import run_study
-    from tune.study import parse_study
+    from rsnl.study import parse_study
     return run_study(parse_study(copy.deepcopy(values)), log=lambda *_: None, **kw)

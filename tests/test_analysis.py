@@ -35,19 +35,6 @@ def copy_experiment(src, dst) -> Path:
     return Path(dst)
 
 
-def edit_state(exp: Path, edit) -> None:
-    """Apply edit(trial_state, metadata) -> kept? to every trial of Tune's experiment_state JSON."""
-    path = next(exp.glob("experiment_state-*.json"))
-    data = json.loads(path.read_text())
-    kept = []
-    for state_json, meta_json in data["trial_data"]:
-        state, meta = json.loads(state_json), json.loads(meta_json)
-        if edit(state, meta) is not False:
-            kept.append([json.dumps(state), json.dumps(meta)])
-    data["trial_data"] = kept
-    path.write_text(json.dumps(data))
-
-
 # --- loader -------------------------------------------------------------------------------------
 
 def test_grid_experiment_loads_one_row_per_trial_and_epoch_with_full_config(grid_experiment):
@@ -100,36 +87,88 @@ def test_loader_needs_no_ray_torch_or_model_code(optuna_experiment, tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
 
 
-def test_running_trial_and_lagging_state_are_read_not_dropped(grid_experiment, tmp_path):
+def test_running_and_starting_trials_are_read_from_their_folders(grid_experiment, tmp_path):
+    """Without the record (a trial not finished yet) and without any of Tune's experiment state, the
+    folders tell: a trial mid-write is RUNNING, a trial that has only written its configs is listed."""
     from analysis import ablation_table, load_experiment, trial_summary, write_report
 
     exp = copy_experiment(grid_experiment, tmp_path / "grid")
+    (exp / "optuna.db").unlink()
+    for f in exp.glob("experiment_state-*.json"):
+        f.unlink()
     dirs = sorted(d for d in exp.iterdir() if (d / "result.json").is_file() and "rsnl-m2_noise_rate=0.5" in d.name)
-    running, unlisted = dirs
+    running, starting = dirs
     first = (running / "result.json").read_text().splitlines()[0]
     (running / "result.json").write_text(first + "\n" + '{"epoch": 1, "test_a')  # a line mid-write
     running_id = json.loads(first)["trial_id"]
-    unlisted_id = json.loads((unlisted / "result.json").read_text().splitlines()[0])["trial_id"]
-
-    def edit(state, meta):
-        if state["trial_id"] == running_id:
-            state["status"] = "RUNNING"
-        return state["trial_id"] != unlisted_id  # a trial the (lagging) state does not know yet
-    edit_state(exp, edit)
+    for name in ("result.json", "params.json", "progress.csv"):
+        (starting / name).unlink()
+    starting_id = json.loads((starting / "rsnl_trial.json").read_text())["trial_id"]
 
     df = load_experiment(exp)
     assert df["run"].nunique() == 8
     r = df[df["trial_id"] == running_id]
     assert r["status"].tolist() == ["RUNNING"] and r["epoch"].tolist() == [0] and not r["complete"].any()
-    assert set(df[df["trial_id"] == unlisted_id]["status"]) == {"TERMINATED"}  # judged from its folder
+    s = df[df["trial_id"] == starting_id]
+    assert s["status"].tolist() == ["RUNNING"] and s["epoch"].isna().all() and s["blocks"].tolist() == [2]
     summary = trial_summary(df).set_index("trial_id")
     assert summary.loc[running_id, "epochs_done"] == 1 and summary.loc[running_id, "status"] == "RUNNING"
     table = ablation_table(df)
-    cell = table.stats.set_index(["method", "noise_rate"]).loc[("rsnl-m2", 0.5)]
-    assert cell["n"] == 1 and math.isnan(cell["std"])
-    assert "1 run(s) not at their last epoch are left out (1 running)" in table.caption
+    assert ("rsnl-m2", 0.5) not in set(zip(table.stats["method"], table.stats["noise_rate"]))
+    assert "not at their last epoch are left out (2 running)" in table.caption, table.caption
     text = write_report(exp, tmp_path / "report").read_text()
     assert "## Trials not finished" in text and "RUNNING" in text
+
+
+def test_status_comes_from_the_optuna_record(grid_experiment, tmp_path):
+    """A trial the record holds as finished is TERMINATED whatever its folder looks like."""
+    from analysis import load_experiment
+
+    exp = copy_experiment(grid_experiment, tmp_path / "grid")
+    d = next(d for d in sorted(exp.iterdir()) if (d / "result.json").is_file())
+    (d / "error.txt").write_text("RuntimeError: an error Tune retried past\n")
+    df = load_experiment(exp)
+    assert set(df["status"]) == {"TERMINATED"} and df.attrs["planned"] == 8
+
+
+def test_each_trial_records_its_members_and_the_analysis_reads_them_as_written(grid_experiment, optuna_experiment,
+                                                                               tmp_path):
+    from analysis import load_experiment
+    from rsnl.study import read_stored
+
+    for exp in (grid_experiment, optuna_experiment):
+        study = read_stored(exp)
+        for d in (p for p in Path(exp).iterdir() if (p / "params.json").is_file()):
+            record = json.loads((d / "rsnl_trial.json").read_text())
+            params = json.loads((d / "params.json").read_text())
+            assert record["params"] == params
+            assert record["members"] == {name: cfg.to_dict() for name, cfg in study.trial_configs(params)}
+    # a value today's code would refuse is read as the trial ran it, without a warning
+    exp = copy_experiment(grid_experiment, tmp_path / "old")
+    d = next(p for p in sorted(exp.iterdir()) if (p / "rsnl_trial.json").is_file())
+    record = json.loads((d / "rsnl_trial.json").read_text())
+    for cfg in record["members"].values():
+        cfg["blocks"], cfg["retired_key"] = 0, "kept"
+    (d / "rsnl_trial.json").write_text(json.dumps(record))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        df = load_experiment(exp)
+    rows = df[df["trial"] == d.name]
+    assert set(rows["blocks"]) == {0} and set(rows["retired_key"]) == {"kept"}
+
+
+@pytest.mark.parametrize("name", ["params.json", "rsnl_trial.json"])
+def test_half_written_trial_file_is_one_line_naming_it(grid_experiment, tmp_path, capsys, name):
+    exp = copy_experiment(grid_experiment, tmp_path / "grid")
+    d = next(p for p in sorted(exp.iterdir()) if (p / name).is_file())
+    if name == "params.json":
+        (d / "rsnl_trial.json").unlink()  # a trial that has not written its record: params.json is read
+    (d / name).write_text((d / name).read_text()[:25])
+    from launch import main
+    assert main(["report", str(exp)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(d / name) in err[0] and "is not valid JSON" in err[0], err
 
 
 @pytest.fixture(scope="module")
@@ -253,17 +292,21 @@ def test_selection_table_and_missing_baseline(optuna_experiment):
 
 # --- Optuna view ------------------------------------------------------------------------------------
 
-def test_rebuilt_optuna_study_uses_the_group_mean_objective_at_the_last_epoch(optuna_experiment):
+def test_the_report_reads_the_optuna_record_the_dashboard_shows(optuna_experiment):
     from optuna.trial import TrialState
 
     from analysis import importance, load_experiment
 
     df = load_experiment(optuna_experiment)
-    ostudy = importance.build_study(df)
+    ostudy = importance.record(df)
     expected = {lines[0]["trial_id"]: lines[-1]["val_acc"] for _, lines in raw_trials(optuna_experiment)}
     got = {t.user_attrs["tune_trial_id"]: t.value for t in ostudy.trials}
-    assert got == pytest.approx(expected)
+    assert got == pytest.approx(expected)  # the group mean of the metric at the last epoch
     assert all(t.state == TrialState.COMPLETE for t in ostudy.trials)
+    for t in ostudy.trials:  # every epoch's value, as result.json has them
+        lines = next(lines for _, lines in raw_trials(optuna_experiment) if lines[0]["trial_id"] ==
+                     t.user_attrs["tune_trial_id"])
+        assert t.intermediate_values == pytest.approx({r["epoch"]: r["val_acc"] for r in lines})
     assert set(ostudy.trials[0].params) == {"blocks", "alpha_base", "alpha_rate"}
     for name in importance.EVALUATORS:
         values, note = importance.importances(ostudy, name)
@@ -271,22 +314,32 @@ def test_rebuilt_optuna_study_uses_the_group_mean_objective_at_the_last_epoch(op
             assert set(values) == {"blocks", "alpha_base", "alpha_rate"} and sum(values.values()) == pytest.approx(1)
 
 
+def _study_of(trials, value=None):
+    import copy
+
+    import optuna
+    s = optuna.create_study(direction="maximize")
+    for t in trials:
+        t = copy.deepcopy(t)
+        if value is not None:
+            t.value = value
+        s.add_trial(t)
+    return s
+
+
 def test_too_few_trials_or_a_constant_objective_give_notes(optuna_experiment):
     from analysis import importance, load_experiment
 
     df = load_experiment(optuna_experiment)
-    flat = df.copy()
-    flat["objective"] = 10.0
-    ostudy = importance.build_study(flat)
-    assert "the same (10)" in importance.importances(ostudy)[1]
-    assert importance.plot_importances(ostudy, flat)[0] is None
-    one = df[df["trial_id"] == df["trial_id"].iloc[0]].copy()
-    one.attrs = df.attrs
-    ostudy = importance.build_study(one)
+    trials = importance.record(df).trials
+    flat = _study_of(trials, value=10.0)
+    assert "the same (10)" in importance.importances(flat)[1]
+    assert importance.plot_importances(flat, df)[0] is None
+    one = _study_of(trials[:1])
     note = "parameter importance needs at least 2 complete trials; this study has 1"
-    assert importance.importances(ostudy, "fanova") == ({}, note)
-    assert importance.plot_alpha_contour(ostudy, one)[0] is None
-    assert importance.plot_history(ostudy, one)[0] is not None
+    assert importance.importances(one, "fanova") == ({}, note)
+    assert importance.plot_alpha_contour(one, df)[0] is None
+    assert importance.plot_history(one, df)[0] is not None
 
 
 # --- report ------------------------------------------------------------------------------------------

@@ -149,7 +149,9 @@ BAD_INPUTS = [  # (study changes, extra command-line arguments, what the one lin
     ({}, ["--cpus-per-trial", "0"], "--cpus-per-trial: 0.0 is out of range"),
     ({}, ["--storage", "/etc/hostname/results"], "cannot be created (/etc/hostname is a file)"),
     ({}, ["--storage", "/proc/rsnl"], "is not writable"),
-    ({}, ["--name", ""], "--name: must be a non-empty folder name"),
+    ({}, ["--name", ""], "--name: must be one folder name"),
+    ({}, ["--name", ".."], "--name: must be one folder name"),
+    ({}, ["--name", "a/b"], "--name: must be one folder name"),
     ({"max_failures": -1}, [], "max_failures: -1 is out of range"),
 ]
 

@@ -6,7 +6,6 @@ Studies are tiny (digits + rsnl-tiny on the CPU); the experiments of the session
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,8 +16,8 @@ import yaml
 
 from rsnl.config import ConfigError
 from faults import fail_once_at
-from studies import grid_study, optuna_study, run
-from tune.study import parse_study
+from studies import grid_study, run
+from rsnl.study import parse_study
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,7 +53,11 @@ BAD_STUDIES = [
     ({"group": {"shots": []}}, "group.shots: must be a non-empty list"),
     ({"group": {"seed": [1, 2]}}, "group.seed: is also a search parameter"),
     ({"variants": [{"blocks": 2}]}, "variants[0]: must be a mapping with a 'name'"),
-    ({"name": "a/b"}, "name: must be a non-empty folder name"),
+    ({"name": "a/b"}, "name: must be one folder name"),
+    ({"name": ".."}, "name: must be one folder name"),
+    ({"name": "a\\b"}, "name: must be one folder name"),
+    ({"name": "s?x=1"}, "name: must be one folder name"),
+    ({"objective": {"metric": "noise_auroc"}, "trial": {"noise_rate": 0.0}}, "noise_auroc is undefined"),
 ]
 
 
@@ -342,62 +345,6 @@ def test_pruning_keeps_what_the_stored_state_can_ask_for(tmp_path):
     assert sorted(p.name for p in (exp / "t_b").iterdir()) == ["checkpoint_000001", "checkpoint_000002"]
 
 
-def _wait_for(predicate, timeout: float, every: float = 0.2) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(every)
-    return False
-
-
-def test_killed_driver_then_resume_runs_every_trial_exactly_once(tmp_path, ray_env, study_cache, ray_tmp):
-    epochs = 30
-    values = optuna_study(tmp_path / "st", study_cache, name="killed", num_samples=3, epochs=epochs)
-    values["group"] = {"seed": [1]}
-    values["max_concurrent"] = 1
-    (tmp_path / "study.yaml").write_text(yaml.safe_dump(values))
-    env = {**os.environ, **ray_env, "RAY_TMPDIR": ray_tmp}
-    exp = tmp_path / "st" / "killed"
-    cmd = [sys.executable, str(REPO / "launch.py")]
-
-    def progress():
-        rows = {d.name: len(results_of(d)) for d in exp.glob("*") if (d / "result.json").is_file()}
-        return sum(n == epochs for n in rows.values()), sum(0 < n < epochs for n in rows.values()), rows
-
-    def checkpointed():
-        """(trials at their last epoch, trials part-way) by the checkpoints the workers wrote to the storage
-        (result.json there follows Tune's experiment-state sync, which may lag)."""
-        dirs = [d for d in exp.iterdir() if d.is_dir()] if exp.is_dir() else []
-        last = [max((int(c.name.split("_")[1]) for c in d.glob("checkpoint_*")), default=-1) for d in dirs]
-        return sum(k == epochs - 1 for k in last), sum(0 <= k < epochs - 1 for k in last)
-
-    with open(tmp_path / "first.log", "w") as log:
-        driver = subprocess.Popen(cmd + ["--config", str(tmp_path / "study.yaml")], env=env, cwd=tmp_path,
-                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        caught = _wait_for(lambda: checkpointed()[0] >= 1 and checkpointed()[1] >= 1, timeout=300, every=0.05)
-        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started
-        driver.wait()
-    assert caught, (tmp_path / "first.log").read_text()[-3000:]
-    finished_before = {name: (exp / name / "result.json").read_bytes()
-                       for name, n in progress()[2].items() if n == epochs}
-    time.sleep(2)
-
-    p = subprocess.run(cmd + ["--resume", "--name", "killed", "--storage", str(tmp_path / "st")], env=env,
-                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    done, running, rows = progress()
-    assert done == 3 and running == 0 and len(rows) == 3
-    for name, content in finished_before.items():
-        assert (exp / name / "result.json").read_bytes() == content, "a finished trial was not rerun"
-    for d in trial_dirs(exp):
-        assert [r["epoch"] for r in results_of(d)] == list(range(epochs)), "each epoch reported exactly once"
-    import optuna
-    trials = optuna.load_study(study_name="killed", storage=f"sqlite:///{exp / 'optuna.db'}").get_trials()
-    assert len(trials) == 3 and len({t.user_attrs["tune_trial_id"] for t in trials}) == 3
-    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
-
-
 def test_nlprompt_runs_in_a_study_beside_coop(ray_session, tmp_path, study_cache):
     """NLPrompt (selector ot, loss ce+mae) as a variant: selection metrics, its OT residual, and the report's
     paired table against CoOp on the same draws."""
@@ -420,3 +367,39 @@ def test_nlprompt_runs_in_a_study_beside_coop(ray_session, tmp_path, study_cache
             assert "ot_residual" not in last and last["kept_frac"] == 1.0
     table = paired_table(load_experiment(exp))
     assert table.rows == ["nlprompt"] and table.cells[("nlprompt", "50%")].n == 2
+
+
+# --- the study format (rsnl/study.py) -------------------------------------------------------------
+
+def test_the_study_format_names_every_metric_a_trial_reports(digits_inputs):
+    from rsnl.study import EPOCH_METRICS, OBJECTIVE_METRICS
+    from rsnl.trainer import build_trainer
+
+    cfg, clip, bank = digits_inputs
+    gmm = build_trainer(cfg.replace(epochs=1), clip, bank).train_epoch()
+    ot = build_trainer(cfg.replace(epochs=1, selector="ot", loss="ce+mae"), clip, bank).train_epoch()
+    assert set(gmm) == set(EPOCH_METRICS) - {"ot_residual"} and set(ot) == set(EPOCH_METRICS)
+    assert set(OBJECTIVE_METRICS) <= set(EPOCH_METRICS)
+
+
+def test_searched_strings_never_nest_trial_folders(tmp_path):
+    from rsnl.study import StudyConfig, trial_folder_name
+
+    study = StudyConfig(name="paths", trial={}, params={"noise_file": {"grid": ["../../x.csv"]},
+                                                        "backbone": {"grid": ["a\\b"]}})
+    config = {"noise_file": "../../etc/x.csv", "backbone": "a\\b c", "variant": {"name": "v/1"}}
+    name = trial_folder_name("abc12_00001", config, study)
+    assert "/" not in name and "\\" not in name and " " not in name and name.startswith("abc12_00001_v_1_")
+    assert (tmp_path / name).parent == tmp_path
+    assert trial_folder_name("abc12_00002", {"noise_file": "/", "backbone": ".."}, study).count("/") == 0
+
+
+def test_the_analysis_imports_nothing_from_tune_and_parses_no_tune_state():
+    import ast
+    for path in (REPO / "analysis").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n == "tune" or n.startswith(("tune.", "ray")) for n in names), f"{path}: {names}"
+        assert "experiment_state" not in path.read_text(), f"{path} reads Tune's private run state"

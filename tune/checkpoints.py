@@ -1,4 +1,4 @@
-"""Checkpoint pruning that survives a kill at any moment.
+"""Resume that survives a kill at any moment: checkpoint pruning, and a guard against a failed restore.
 
 Tune's own `CheckpointConfig(num_to_keep=k)` deletes a trial's older checkpoint as soon as a newer one
 is registered, while the experiment state that `--resume` reads reaches the storage later, copied in
@@ -19,6 +19,7 @@ import re
 import time
 
 from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 PRUNE_EVERY_S = 30.0
 _CHECKPOINT = re.compile(r"^checkpoint_(\d+)$")
@@ -86,3 +87,71 @@ class CheckpointPruner(tune.Callback):
         if time.monotonic() - self._last >= PRUNE_EVERY_S:
             self._last = time.monotonic()
             prune(self.exp_uri)
+
+
+class RestoreFailed(RuntimeError):
+    """Tune could not read the stored run state on --resume (it would start every trial again)."""
+
+
+class RestoreGuard(tune.Callback):
+    """Stops a resume whose run state Tune could not restore.
+
+    Tune answers a failed restore by logging it and starting the experiment again from zero in the same
+    folder, which would rerun finished trials. Tune restores callback states only when it read the run
+    state; this callback has one, so on a resume its `setup` knows whether the restore happened."""
+
+    def __init__(self, resume: bool = False):
+        self.resume, self.restored = resume, False
+
+    def get_state(self) -> dict:
+        return {"saved": True}
+
+    def set_state(self, state: dict) -> None:
+        self.restored = bool(state.get("saved"))
+
+    def setup(self, **info):
+        if self.resume and not self.restored:
+            raise RestoreFailed("Tune could not restore the stored run state")
+
+
+class FollowStorage:
+    """A mixin for Tune schedulers, which see every trial as it is added: the trial's storage is set to
+    where the experiment is now. Tune restores its searcher with the experiment spec as saved, so after
+    the folder moved, trials the searcher creates on resume would write to the old place and fail (Ray
+    2.60). `storage` is (pyarrow filesystem, path of the storage root); None leaves trials alone."""
+
+    storage = None
+
+    def on_trial_add(self, tune_controller, trial):
+        if self.storage is not None and trial.storage.storage_fs_path != self.storage[1]:
+            import copy
+            moved = copy.copy(trial.storage)
+            moved.storage_filesystem, moved.storage_fs_path = self.storage
+            trial.set_storage(moved)
+        super().on_trial_add(tune_controller, trial)
+
+
+class FollowingFIFO(FollowStorage, FIFOScheduler):
+    pass
+
+
+class FollowingASHA(FollowStorage, ASHAScheduler):
+    pass
+
+
+def following_scheduler(asha: dict | None, epochs: int, storage_root: str):
+    """FIFO, or ASHA over epochs, keeping new trials in the experiment's storage at `storage_root`."""
+    if asha is None:
+        scheduler = FollowingFIFO()
+    else:
+        scheduler = FollowingASHA(time_attr="training_iteration", max_t=epochs,
+                                  grace_period=asha.get("grace_period", 1),
+                                  reduction_factor=asha.get("reduction_factor", 2))
+    follow(scheduler, storage_root)
+    return scheduler
+
+
+def follow(scheduler, storage_root: str) -> None:
+    """Point a (restored) FollowStorage scheduler at the storage as it is now."""
+    from rsnl import storage
+    scheduler.storage = storage.filesystem(storage_root)

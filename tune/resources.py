@@ -6,7 +6,10 @@ CPU-only machine should hear that in one line at once instead.
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
+import sys
 from pathlib import Path
 
 import yaml
@@ -62,6 +65,64 @@ def check_cluster_gpus(gpu_per_trial: float) -> None:
                           f"hold is {have:g} GPU")
 
 
+def sigterm_as_sigint() -> None:
+    """SIGTERM (`kill PID`, a batch scheduler) stops the study like Ctrl-C: Tune saves the run state and
+    ends the trials. Installed again after ray.init, whose core replaces it with an abort."""
+    import threading
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+
+
+RAY_LOGGERS = ("ray", "ray.data", "ray.tune", "ray.train")
+
+
+class RayLog:
+    """Ray's and Tune's Python logs go to a file, not the console: started before Ray (its start-up
+    warnings too), moved into the experiment folder once that exists."""
+
+    def __init__(self, path):
+        import ray  # noqa: F401  (importing Ray sets up its loggers; reroute them after that)
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handler = self._handler()
+        for name in RAY_LOGGERS:  # their console handlers; the records reach "ray", and the file
+            logger = logging.getLogger(name)
+            for h in list(logger.handlers):
+                if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) in (sys.stderr, sys.stdout):
+                    logger.removeHandler(h)
+        self.attach()
+
+    def attach(self) -> None:
+        """(Again) after ray.init, which clears the "ray" logger's handlers."""
+        logger = logging.getLogger("ray")
+        if self.handler not in logger.handlers:
+            logger.addHandler(self.handler)
+
+    def _handler(self) -> logging.Handler:
+        h = logging.FileHandler(self.path, mode="a", encoding="utf-8")
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        return h
+
+    def move_to(self, path) -> None:
+        path = Path(path)
+        if path == self.path:
+            return
+        logger = logging.getLogger("ray")
+        logger.removeHandler(self.handler)
+        self.handler.close()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "ab") as out:
+            out.write(self.path.read_bytes())
+        self.path.unlink()
+        self.path = path
+        self.handler = self._handler()
+        logger.addHandler(self.handler)
+
+    def close(self) -> None:
+        logging.getLogger("ray").removeHandler(self.handler)
+        self.handler.close()
+
+
 def init_ray(address: str | None, **kwargs):
     """Join `address`, or start a local Ray without its dashboard (no HTTP port for a local study).
 
@@ -72,6 +133,7 @@ def init_ray(address: str | None, **kwargs):
     import ray
     if ray.is_initialized():
         return None
+    kwargs.setdefault("log_to_driver", False)  # trials' output stays in Ray's session logs and error.txt
     if address:
         return ray.init(address=address, **kwargs)
     return ray.init(include_dashboard=False, **kwargs)

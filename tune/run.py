@@ -1,65 +1,81 @@
 """Run or resume a study on Ray Tune: the driver side of launch.py.
 
-Order matters: everything that can be checked without a cluster is checked before Ray starts; the
-image features of each (dataset, backbone) are computed by one Ray task and shared through the
-object store; then Tune runs the trials, and nothing finished is ever run twice on resume.
+Order matters: one driver per experiment (a lock that dies with its holder); everything that can be
+checked without a cluster is checked before Ray starts; the image features of each (dataset, backbone)
+are computed by one Ray task and shared through the object store; the study file is written; then Tune
+runs the trials, and nothing finished is ever run twice on resume. Ray's and Tune's logs go to
+rsnl_driver.log in the experiment; the console gets rsnl's lines and one progress line.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import socket
 import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
-from rsnl.config import load_yaml
+from rsnl import storage
 from rsnl.errors import ConfigError
-from rsnl.files import atomic_write
 from rsnl.inputs import preflight, prepare_weights
-from tune.resources import check_cluster_gpus, check_local_gpus, init_ray
-from tune.study import StudyConfig, parse_study
+from rsnl.study import STUDY_FILE, StudyConfig, trial_folder_name, write_stored
+from tune.resources import RayLog, check_cluster_gpus, check_local_gpus, init_ray, sigterm_as_sigint
 from tune.trainable import bank_key, compute_bank, train_trial
 
-STUDY_FILE = "rsnl_study.yaml"
+LOG_FILE = "rsnl_driver.log"
 
 
-def check_storage(study: StudyConfig, resume: bool) -> Path | None:
-    """Local storage must be writable; a new study must not overwrite an old one."""
-    if "://" in study.storage:
-        return None
-    exp = Path(study.experiment_path())
-    root = Path(study.storage_path())
-    probe = root
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ConfigError(f"storage: {root} cannot be created ({probe} is a file); choose another --storage")
-    try:  # a real write: permission bits do not tell for root, read-only mounts or quotas
-        tempfile.TemporaryFile(dir=probe).close()
+def check_storage(study: StudyConfig, resume: bool) -> None:
+    """Local storage must be writable, remote storage reachable; a new study must not overwrite an old
+    one, and a resume needs one."""
+    exp = study.experiment_path()
+    if not storage.is_uri(exp):
+        root = Path(study.storage_path())
+        probe = root
+        while not probe.exists():
+            probe = probe.parent
+        if not probe.is_dir():
+            raise ConfigError(f"storage: {root} cannot be created ({probe} is a file); choose another --storage")
+        try:  # a real write: permission bits do not tell for root, read-only mounts or quotas
+            tempfile.TemporaryFile(dir=probe).close()
+        except OSError as e:
+            raise ConfigError(f"storage: {root} is not writable ({probe}: {e.strerror}); choose another --storage") from None
+    try:
+        stored = storage.exists(storage.join(exp, STUDY_FILE))
     except OSError as e:
-        raise ConfigError(f"storage: {root} is not writable ({probe}: {e.strerror}); choose another --storage") from None
-    if resume and not (exp / STUDY_FILE).is_file():
+        raise ConfigError(f"storage: cannot reach {study.storage_path()} ({' '.join(str(e).split())[:200]})") from None
+    if resume and not stored:
         raise ConfigError(f"--resume: no study to resume at {exp} ({STUDY_FILE} missing); check --storage and --name")
-    if not resume and (exp / STUDY_FILE).is_file():
+    if not resume and stored:
         raise ConfigError(f"--name: a study already exists at {exp}; use --resume to continue it or another --name")
-    return exp
 
 
-def stored_study(exp: Path) -> StudyConfig:
-    return parse_study(load_yaml(exp / STUDY_FILE))
-
-
-def study_to_yaml(study: StudyConfig) -> dict:
-    search = {"kind": study.kind, "num_samples": study.num_samples, "seed": study.search_seed,
-              "params": study.params}
-    return {"name": study.name, "description": study.description, "storage": study.storage,
-            "trial": study.trial, "search": search, "variants": study.variants, "group": study.group,
-            "objective": {"metric": study.metric, "mode": study.mode}, "asha": study.asha,
-            "resources": {"cpu": study.cpu, "gpu": study.gpu}, "max_concurrent": study.max_concurrent,
-            "reuse_actors": study.reuse_actors, "max_failures": study.max_failures}
+@contextlib.contextmanager
+def driver_lock(experiment: str):
+    """One driver per experiment on this machine: a second one (new or --resume) is refused at once.
+    flock is released by the kernel when the holder dies, so a killed driver leaves no stale lock. The
+    lock file lives in the temp folder (not in the storage, which may be a bucket) and is never deleted
+    (deleting a lock file while another process opens it would let two hold it)."""
+    path = storage.mirror_dir(experiment, "locks").with_suffix(".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise ConfigError(f"{experiment}: another launch.py is running this study ({holder}); wait for it to "
+                              f"end or stop it, then --resume") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def bank_plan(study: StudyConfig) -> dict[tuple, dict]:
@@ -86,58 +102,43 @@ def prepare_study_weights(study: StudyConfig) -> None:
         prepare_weights(TrialConfig.from_dict(cfg))
 
 
-def _trial_dirname(study: StudyConfig):
-    keys = list(study.params)
-
-    def name(trial) -> str:
-        cfg = trial.config
-        parts = [trial.trial_id]
-        if isinstance(cfg.get("variant"), dict):
-            parts.append(str(cfg["variant"].get("name")))
-        for k in keys:
-            v = cfg.get(k)
-            parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
-        return "_".join(parts)[:120]
-    return name
-
-
-def build_tuner(study: StudyConfig, banks: dict, exp: str, resume: bool):
+def build_tuner(study: StudyConfig, banks: dict, exp: str, resume: bool, progress=None):
     from ray import tune
-    from tune.checkpoints import CheckpointPruner
-    from tune.optuna_store import OptunaRecorder, storage_url
+    from tune.checkpoints import CheckpointPruner, RestoreGuard, follow, following_scheduler
+    from tune.record import OptunaRecorder
+    from tune.study import param_space
 
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no status tables, no banners
     trainable = tune.with_resources(tune.with_parameters(train_trial, study=study, banks=banks),
                                     {"cpu": study.cpu, "gpu": study.gpu})
+    # Tune matches saved callback states to callbacks by position: the stateful ones come first, always
+    # in this order. On resume they are made afresh for where the experiment is now (it may have moved)
+    # and replace the copies pickled with the experiment; Tune then gives them their saved state.
+    callbacks = [RestoreGuard(resume), CheckpointPruner(exp), OptunaRecorder(exp, study)]
+    callbacks += [progress] if progress is not None else []
     if resume:
-        return tune.Tuner.restore(exp, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(exp, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        internal = tuner._local_tuner  # no public way to replace them
+        internal.get_run_config().callbacks = callbacks
+        follow(internal._tune_config.scheduler, study.storage_path())
+        return tuner
 
-    search_alg, scheduler = None, None
+    search_alg = None
     if study.kind == "optuna":
         from ray.tune.search.optuna import OptunaSearch
         search_alg = OptunaSearch(seed=study.search_seed)
         if study.max_concurrent:
             from ray.tune.search import ConcurrencyLimiter
             search_alg = ConcurrencyLimiter(search_alg, max_concurrent=study.max_concurrent)
-    if study.asha:
-        from ray.tune.schedulers import ASHAScheduler
-        epochs = study.trial_configs({})[0][1].epochs
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=epochs,
-                                  grace_period=study.asha.get("grace_period", 1),
-                                  reduction_factor=study.asha.get("reduction_factor", 2))
-    callbacks = [CheckpointPruner(exp)]
-    if study.kind in ("optuna", "random") and "://" not in study.storage:
-        callbacks.append(OptunaRecorder(storage_url(exp), study))
-    name = _trial_dirname(study)
-    # A compact status table (the default prints every member metric of every result).
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    columns = {"epoch": "epoch", "val_acc": "val_acc", "test_acc": "test_acc", "kept_frac": "kept",
-               "select_precision": "precision", "select_recall": "recall"}
-    params = (["variant/name"] if study.variants else []) + list(study.params)
-    reporter = tune.CLIReporter(metric_columns=columns, parameter_columns=params, max_report_frequency=30,
-                                sort_by_metric=True)
+    epochs = study.trial_configs(study.corner_overrides()[0])[0][1].epochs
+    scheduler = following_scheduler(study.asha, epochs, study.storage_path())
+
+    def name(trial) -> str:
+        return trial_folder_name(trial.trial_id, trial.config, study)
+
     return tune.Tuner(
         trainable,
-        param_space=study.param_space(),
+        param_space=param_space(study),
         tune_config=tune.TuneConfig(
             metric=study.metric, mode=study.mode, search_alg=search_alg, scheduler=scheduler,
             num_samples=study.num_samples if study.kind != "grid" else 1,
@@ -147,10 +148,10 @@ def build_tuner(study: StudyConfig, banks: dict, exp: str, resume: bool):
             name=study.name, storage_path=study.storage_path(), callbacks=callbacks,
             # Tune keeps every checkpoint; CheckpointPruner deletes only what no resume can need
             checkpoint_config=tune.CheckpointConfig(),
-            failure_config=tune.FailureConfig(max_failures=study.max_failures), progress_reporter=reporter,
-            # the trials' noise manifests, written to their working folders, reach the experiment folder
+            failure_config=tune.FailureConfig(max_failures=study.max_failures),
+            # the trials' records and noise manifests, written to their working folders, reach the storage
             sync_config=tune.SyncConfig(sync_artifacts=True),
-            verbose=1),
+            verbose=0),  # progress is rsnl's (tune/progress.py)
     )
 
 
@@ -186,30 +187,80 @@ def compute_banks(study: StudyConfig, log=print) -> tuple[dict, dict]:
     return refs, stats
 
 
-def run_study(study: StudyConfig, address: str | None = None, resume: bool = False, log=print, on_start=None):
+def run_study(study: StudyConfig, address: str | None = None, resume: bool = False, log=print, progress=None,
+              announce=None):
     """Run (or resume) a study to the end; returns (ResultGrid, experiment path, feature stats).
 
-    On resume the study stored in the experiment is the one that runs; `on_start(study)` sees it first.
+    On resume, `study` is the stored one (rsnl.study.read_stored). `progress` is a Tune callback that
+    shows the study's progress (tune.progress.Progress), or None; `announce()` is called once this
+    driver holds the experiment and its storage is fine.
     """
-    exp = check_storage(study, resume)
-    if resume and exp is not None:
-        study = stored_study(exp)
-    if on_start is not None:
-        on_start(study)
-    preflight_study(study)
-    if address is None:
-        check_local_gpus(study.gpu)
-    prepare_study_weights(study)
-    init_ray(address)
-    if address is not None:
-        check_cluster_gpus(study.gpu)
-    banks, stats = compute_banks(study, log)
-    exp_path = study.experiment_path()
-    if exp is not None and not resume:
-        exp.mkdir(parents=True, exist_ok=True)
-        atomic_write(exp / STUDY_FILE, yaml.safe_dump(study_to_yaml(study), sort_keys=False))
-    tuner = build_tuner(study, banks, exp_path, resume)
-    results = tuner.fit()
-    from tune.checkpoints import prune as prune_checkpoints
-    prune_checkpoints(exp_path)  # the final state is in the storage now: two checkpoints per trial stay
-    return results, exp_path, stats
+    exp = study.experiment_path()
+    with driver_lock(exp):
+        check_storage(study, resume)
+        if announce is not None:
+            announce()
+        preflight_study(study)
+        if address is None:
+            check_local_gpus(study.gpu)
+        prepare_study_weights(study)
+        ray_log = RayLog(storage.mirror_dir(exp, "logs") / LOG_FILE)
+        try:
+            init_ray(address, configure_logging=False)
+            ray_log.attach()
+            sigterm_as_sigint()
+            if address is not None:
+                check_cluster_gpus(study.gpu)
+            banks, stats = compute_banks(study, log)
+            write_stored(study)  # on resume too: its storage is where the study is now (it may have moved)
+            if not storage.is_uri(exp):
+                ray_log.move_to(Path(exp) / LOG_FILE)
+            if resume and not tune_state_saved(exp, study):
+                log("[rsnl] the interrupted run had saved no Tune state yet; its trials start from the beginning")
+                resume = False
+            tuner = build_tuner(study, banks, exp, resume, progress)
+            results = fit(tuner, exp)
+        finally:
+            ray_log.close()
+            if storage.is_uri(exp) and ray_log.path.is_file():
+                with contextlib.suppress(OSError):
+                    storage.write_bytes(storage.join(exp, LOG_FILE), ray_log.path.read_bytes())
+        from tune.checkpoints import prune as prune_checkpoints
+        prune_checkpoints(exp)  # the final state is in the storage now: two checkpoints per trial stay
+    return results, exp, stats
+
+
+def tune_state_saved(exp: str, study: StudyConfig) -> bool:
+    """Whether Tune saved any run state to resume from. A driver killed within its first second may
+    not have: then no trial can have finished (the record says so), and the folders the killed run
+    began are removed so that the new start does not sit beside them."""
+    import pyarrow.fs
+    from ray import tune
+
+    from tune.record import tally
+    if tune.Tuner.can_restore(exp):
+        return True
+    recorded = tally(exp, study)
+    if recorded.finished or recorded.failed:
+        raise ConfigError(f"--resume: {exp} has finished trials but no Tune run state to continue from; "
+                          f"start the study again under another --name")
+    fs, path = storage.filesystem(exp)
+    for info in fs.get_file_info(pyarrow.fs.FileSelector(path)):
+        if info.type == pyarrow.fs.FileType.Directory:
+            fs.delete_dir(info.path)
+    return False
+
+
+def fit(tuner, exp: str):
+    """tuner.fit(), with a failed restore as one line (Tune would otherwise start every trial again)."""
+    from tune.checkpoints import RestoreFailed
+    try:
+        return tuner.fit()
+    except Exception as e:
+        cause = e
+        while cause is not None and not isinstance(cause, RestoreFailed):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise ConfigError(f"--resume: Tune could not restore the run state stored at {exp} (details in {LOG_FILE}); "
+                          f"nothing was run again; the finished trials and their files are kept") from None

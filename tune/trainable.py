@@ -8,6 +8,7 @@ object store); a trial never runs the image tower.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -19,7 +20,9 @@ import torch
 
 from rsnl.manifest import MANIFEST, write_manifest
 from rsnl.device import resolve_device
+from rsnl.files import atomic_write
 from rsnl.models import load_clip
+from rsnl.study import TRIAL_FILE, trial_record
 from rsnl.trainer import build_trainer
 
 STATE_FILE = "state.pt"
@@ -79,8 +82,13 @@ def train_trial(config: dict, study=None, banks=None) -> None:
             raise RuntimeError(f"feature bank of {bank.identity} does not match the trial's model {clip.identity}")
         trainers[name] = build_trainer(cfg, clip, bank)
 
-    # every member's draw beside its results (the same content again on a retry or resume)
-    folder = tune.get_context().get_trial_dir()
+    # every member's resolved config and draw beside its results (the same content again on a retry or
+    # resume): the analysis reads these files and never rebuilds a config with later code
+    context = tune.get_context()
+    folder = context.get_trial_dir()
+    if folder:
+        record = trial_record(context.get_trial_id(), config, members)
+        atomic_write(Path(folder) / TRIAL_FILE, json.dumps(record, indent=1, sort_keys=True))
     for name, trainer in trainers.items():
         if trainer.data.manifest is not None and folder:
             write_manifest(folder, trainer.data.manifest, manifest_name(name, len(trainers)))
