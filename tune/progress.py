@@ -42,6 +42,9 @@ class Progress(tune.Callback):
         return sys.stdout
 
     # -- Tune's events -----------------------------------------------------------------------
+    def on_step_end(self, iteration, trials, **info):  # the clock moves between results too
+        self._show(trials)
+
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self.epochs_seen[trial.trial_id] = int(result.get("epoch", 0)) + 1
         self._show(trials)
@@ -88,7 +91,7 @@ class Progress(tune.Callback):
 
     def _show(self, trials, force: bool = False):
         now = time.monotonic()
-        if not self.live and not force and now - self._last_line < self.every_s:
+        if not force and now - self._last_line < (1.0 if self.live else self.every_s):
             return
         self._last_line = now
         text = self.line(trials)

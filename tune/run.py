@@ -109,6 +109,8 @@ def build_tuner(study: StudyConfig, banks: dict, exp: str, resume: bool, progres
     from tune.study import param_space
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no status tables, no banners
+    import optuna
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # OptunaSearch's "A new study created" line
     trainable = tune.with_resources(tune.with_parameters(train_trial, study=study, banks=banks),
                                     {"cpu": study.cpu, "gpu": study.gpu})
     # Tune matches saved callback states to callbacks by position: the stateful ones come first, always
