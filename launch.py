@@ -39,7 +39,7 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, metavar="N", help="trials of an optuna or random search")
     p.add_argument("--storage", metavar="DIR|URI", help="where experiments go (default ./results)")
     p.add_argument("--name", help="experiment name (default: the study's name)")
-    p.add_argument("--resume", action="store_true", help="continue the study at STORAGE/NAME")
+    p.add_argument("--resume", action="store_true", help="continue the study stored at STORAGE/NAME, as it started")
     p.add_argument("--smoke-test", action="store_true", help="the same study on digits, 2 epochs, few trials")
     return p
 

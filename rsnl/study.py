@@ -356,7 +356,8 @@ def read_stored(experiment: str, check: bool = True) -> StudyConfig:
     try:
         values = yaml.safe_load(storage.read_bytes(where))
     except FileNotFoundError:
-        raise ConfigError(f"{where}: no study stored there ({STUDY_FILE} missing); check --storage and --name") from None
+        raise ConfigError(f"{where}: no study stored there ({STUDY_FILE} missing); "
+                          f"check --storage and --name") from None
     except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{where}: cannot be read ({' '.join(str(e).split())[:200]})") from None
     if not isinstance(values, dict):

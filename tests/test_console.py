@@ -112,3 +112,17 @@ def test_tensorboard_serves_every_trials_scalars(quickstart):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_the_dashboard_command_is_printed_only_when_it_is_installed(monkeypatch, tmp_path):
+    import importlib.util
+
+    from launch import dashboard_line
+    installed = dashboard_line(str(tmp_path / "exp"))
+    if importlib.util.find_spec("optuna_dashboard") is not None:
+        assert installed == f"[rsnl] optuna:      optuna-dashboard sqlite:///{tmp_path / 'exp' / 'optuna.db'}"
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "optuna_dashboard" else real(name, *a))
+    assert dashboard_line(str(tmp_path / "exp")) == ('[rsnl] optuna:      pip install -e ".[dashboard]" for '
+                                                      'optuna-dashboard (optuna.db is written)')

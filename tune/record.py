@@ -93,7 +93,8 @@ class OptunaRecorder(tune.Callback):
                 atomic_write(self.path, storage.read_bytes(remote))
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._ostudy = open_study(storage_url(self.path), self.study)
-        self._states = {t.user_attrs.get("tune_trial_id"): t.state.name for t in self._ostudy.get_trials(deepcopy=False)}
+        self._states = {t.user_attrs.get("tune_trial_id"): t.state.name
+                        for t in self._ostudy.get_trials(deepcopy=False)}
 
     # Saved with the experiment by Tune and given back on resume.
     def get_state(self) -> dict:
