@@ -100,7 +100,8 @@ def main(argv=None) -> int:
             print(text[-4000:])
             return rc
         compute = trial_compute(tmp / "results" / study.name)
-    loop = re.search(r"Total run time: [\d.]+ seconds \(([\d.]+) seconds for the tuning loop\)", text)
+        driver_log = (tmp / "results" / study.name / "rsnl_driver.log").read_text(errors="replace")
+    loop = re.search(r"tuning loop: ([\d.]+) s", driver_log)
     feats = re.search(r"\[rsnl\] image features: .*\(([\d.]+)s\)", text)
     slots = max(1, math.floor((os.cpu_count() or 1) / study.cpu + 1e-9))
     if study.max_concurrent:

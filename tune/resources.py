@@ -93,10 +93,16 @@ class RayLog:
         self.attach()
 
     def attach(self) -> None:
-        """(Again) after ray.init, which clears the "ray" logger's handlers."""
-        logger = logging.getLogger("ray")
-        if self.handler not in logger.handlers:
-            logger.addHandler(self.handler)
+        """(Again) after ray.init, which clears the "ray" logger's handlers. Ray's own start-up lines come
+        from ray._private while "ray" has none, so that one gets the file too; rsnl's driver lines
+        ("rsnl" loggers) go there as well."""
+        for name in ("ray", "ray._private", "rsnl"):
+            logger = logging.getLogger(name)
+            if self.handler not in logger.handlers:
+                logger.addHandler(self.handler)
+            if name != "ray":
+                logger.propagate = False
+        logging.getLogger("rsnl").setLevel(logging.INFO)
 
     def _handler(self) -> logging.Handler:
         h = logging.FileHandler(self.path, mode="a", encoding="utf-8")
@@ -107,19 +113,21 @@ class RayLog:
         path = Path(path)
         if path == self.path:
             return
-        logger = logging.getLogger("ray")
-        logger.removeHandler(self.handler)
-        self.handler.close()
+        self._detach()
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "ab") as out:
             out.write(self.path.read_bytes())
         self.path.unlink()
         self.path = path
         self.handler = self._handler()
-        logger.addHandler(self.handler)
+        self.attach()
 
     def close(self) -> None:
-        logging.getLogger("ray").removeHandler(self.handler)
+        self._detach()
+
+    def _detach(self) -> None:
+        for name in ("ray", "ray._private", "rsnl"):
+            logging.getLogger(name).removeHandler(self.handler)
         self.handler.close()
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import socket
 import tempfile
@@ -256,8 +257,12 @@ def tune_state_saved(exp: str, study: StudyConfig) -> bool:
 def fit(tuner, exp: str):
     """tuner.fit(), with a failed restore as one line (Tune would otherwise start every trial again)."""
     from tune.checkpoints import RestoreFailed
+    start = time.perf_counter()
     try:
-        return tuner.fit()
+        results = tuner.fit()
+        logging.getLogger("rsnl.run").info(f"tuning loop: {time.perf_counter() - start:.1f} s (Tune's fit, "
+                                           f"without Ray's start, the feature task and shutdown)")
+        return results
     except Exception as e:
         cause = e
         while cause is not None and not isinstance(cause, RestoreFailed):
