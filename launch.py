@@ -61,7 +61,7 @@ def stored_from_args(args):
     """--resume runs the study stored in STORAGE/NAME, as it was started; found from any directory."""
     from rsnl import storage
     from rsnl.errors import ConfigError
-    from rsnl.study import STUDY_FILE, check_name, read_stored
+    from rsnl.study import check_name, read_stored
     from tune.study import load_study, smoke
     changes = [flag for flag, v in (("--set", args.set), ("--gpus-per-trial", args.gpus_per_trial),
                                     ("--cpus-per-trial", args.cpus_per_trial),
@@ -80,10 +80,9 @@ def stored_from_args(args):
                           "--config it was started with")
     experiment = storage.join(storage.absolute(where or "./results"), check_name(name, "--name"))
     try:
-        if not storage.exists(storage.join(experiment, STUDY_FILE)):
-            raise ConfigError(f"--resume: no study to resume at {experiment} ({STUDY_FILE} missing); check --storage "
-                              f"and --name")
         return read_stored(experiment)
+    except ConfigError as e:
+        raise ConfigError(f"--resume: {e}") from None
     except OSError as e:
         raise ConfigError(f"--resume: cannot read {experiment} ({' '.join(str(e).split())[:200]})") from None
 

@@ -130,16 +130,16 @@ def _trial_dirs(exp: Path) -> list[Path]:
                                                                   (TRIAL_FILE, "params.json", "result.json")))
 
 
-def _member_configs(tdir: Path, study) -> tuple[dict, dict[str, dict]]:
-    """(params, member name -> full trial config) as the trial recorded them; for a trial that has not
-    written its record yet, the stored study's values with the params (not validated)."""
+def _member_configs(tdir: Path, study) -> tuple[str | None, dict, dict[str, dict]]:
+    """(trial id, params, member name -> full trial config) as the trial recorded them; for a trial that
+    has not written its record yet, no id and the stored study's values with the params (not validated)."""
     if (tdir / TRIAL_FILE).is_file():
         record = read_json(tdir / TRIAL_FILE)
-        return record.get("params") or {}, record["members"]
+        return record.get("trial_id"), record.get("params") or {}, record["members"]
     params = read_json(tdir / "params.json") if (tdir / "params.json").is_file() else {}
     base = {**(study.trial if study else {}), **flatten_variant(params)}
     members = study.group_members if study else [{}]
-    return params, {member_name(m): {**base, **m} for m in members}
+    return None, params, {member_name(m): {**base, **m} for m in members}
 
 
 def method_label(config: dict, study=None) -> str:
@@ -190,10 +190,9 @@ def load_experiment(path) -> pd.DataFrame:
 
 
 def _trial_rows(tdir: Path, record: dict, study, metric: str) -> list[dict]:
-    params, configs = _member_configs(tdir, study)
+    trial_id, params, configs = _member_configs(tdir, study)
     results = read_results(tdir)
-    trial_id = (read_json(tdir / TRIAL_FILE).get("trial_id") if (tdir / TRIAL_FILE).is_file()
-                else results[0].get("trial_id") if results else tdir.name)
+    trial_id = trial_id or (results[0].get("trial_id") if results else tdir.name)
     recorded = record.get(trial_id)
     if recorded is not None:
         status = FAILED if recorded["state"] == "FAIL" else FINISHED

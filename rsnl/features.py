@@ -120,11 +120,8 @@ def encode_images(model, images: ImageSet, transform, view: int = 0, batch_size:
     return torch.cat(out) if out else torch.empty(0)
 
 
-def cache_key(identity: str, images: ImageSet, transform, view: int, precision: str,
-              fingerprint: str | None = None) -> str:
-    """`fingerprint`: images.fingerprint() when the caller has it (it reads every file)."""
-    spec = {"format": FORMAT, "weights": identity, "images": fingerprint or images.fingerprint(),
-            "split": images.name,
+def cache_key(identity: str, images: ImageSet, transform, view: int, precision: str) -> str:
+    spec = {"format": FORMAT, "weights": identity, "images": images.fingerprint(), "split": images.name,
             "transform": re.sub(r" at 0x[0-9a-f]+", "", repr(transform)), "view": view, "precision": precision}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
@@ -152,10 +149,9 @@ def _write_entry(path: Path, feats: torch.Tensor, meta: dict) -> None:
 
 
 def cached_features(model, identity: str, images: ImageSet, transform, view: int, cache_dir,
-                    precision: str = "fp32", stats: dict | None = None, fingerprint: str | None = None,
-                    **encode_kw) -> torch.Tensor:
+                    precision: str = "fp32", stats: dict | None = None, **encode_kw) -> torch.Tensor:
     """Features of one view of one image set, computed at most once per cache entry."""
-    key = cache_key(identity, images, transform, view, precision, fingerprint)
+    key = cache_key(identity, images, transform, view, precision)
     path = Path(cache_dir) / key[:2] / f"{key}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
     feats = _read_entry(path)
@@ -186,13 +182,7 @@ def build_feature_bank(dataset: Dataset, model, preprocess, identity: str, aug_v
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     kw = dict(device=device, batch_size=batch_size, num_workers=num_workers, stats=stats)
     model = model.to(device)
-    fingerprints = {}  # one read of the files per split, not one per view
-
-    def get(images, tf, view):
-        if id(images) not in fingerprints:
-            fingerprints[id(images)] = images.fingerprint()
-        return cached_features(model, identity, images, tf, view, cache_dir, precision,
-                               fingerprint=fingerprints[id(images)], **kw)
+    get = lambda images, tf, view: cached_features(model, identity, images, tf, view, cache_dir, precision, **kw)
 
     aug = train_transform(preprocess, aug_scale)
     views = [get(dataset.train, aug, v) for v in range(1, aug_views + 1)]

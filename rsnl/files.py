@@ -89,16 +89,18 @@ def remove_stale_temps(path) -> None:
 
 
 @contextlib.contextmanager
-def locked(path):
-    """Exclusive lock on `<path>.lock` (flock: released by the kernel when the holder dies). The holder
-    deletes the lock file before releasing it, so none is left behind; a waiter that then wins a lock on
-    the deleted file sees it is no longer the one at that name and tries again."""
+def locked(path, wait: bool = True):
+    """Exclusive lock on `<path>.lock` (flock: released by the kernel when the holder dies); yields the lock
+    file, open for appending (a holder may note who it is there). wait=False raises BlockingIOError when
+    another process holds it. The holder deletes the lock file before releasing it, so none is left
+    behind; a waiter that then wins a lock on the deleted file sees it is no longer the one at that name
+    and tries again."""
     lock_path = Path(str(path) + ".lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         lock = open(lock_path, "a")
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             try:
                 current = os.stat(lock_path)
             except FileNotFoundError:
@@ -111,7 +113,7 @@ def locked(path):
             raise
         lock.close()  # a lock on a deleted file excludes no one
     try:
-        yield
+        yield lock
     finally:
         try:
             with contextlib.suppress(FileNotFoundError):

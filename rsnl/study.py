@@ -31,6 +31,7 @@ from rsnl import storage
 from rsnl.config import TrialConfig, _suggest
 from rsnl.errors import ConfigError
 from rsnl.files import is_weights_path
+from rsnl.manifest import MANIFEST
 
 STUDY_FILE = "rsnl_study.yaml"
 TRIAL_FILE = "rsnl_trial.json"
@@ -348,16 +349,19 @@ def write_stored(study: StudyConfig) -> str:
     return where
 
 
+def missing_study(experiment: str) -> str:
+    return f"no study to resume at {experiment} ({STUDY_FILE} missing); check --storage and --name"
+
+
 def read_stored(experiment: str, check: bool = True) -> StudyConfig:
     """The study stored in an experiment (folder or URI), its storage set to where it was found now
     (the folder may have moved). check=False reads an older study without today's validation (the
     analysis of results that exist, whatever today's code would accept)."""
     where = storage.join(experiment, STUDY_FILE)
+    if not storage.exists(where):
+        raise ConfigError(missing_study(experiment))
     try:
         values = yaml.safe_load(storage.read_bytes(where))
-    except FileNotFoundError:
-        raise ConfigError(f"{where}: no study stored there ({STUDY_FILE} missing); "
-                          f"check --storage and --name") from None
     except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{where}: cannot be read ({' '.join(str(e).split())[:200]})") from None
     if not isinstance(values, dict):
@@ -390,8 +394,18 @@ def trial_folder_name(trial_id: str, config: dict, study: StudyConfig) -> str:
     for k in study.params:
         v = config.get(k)
         parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
-    name = re.sub(r"[^A-Za-z0-9.,=+_-]+", "_", "_".join(parts))[:120]
+    name = _file_safe("_".join(parts), extra=",_")[:120]
     return name if name.strip(".") else trial_id
+
+
+def manifest_name(member: str, members: int) -> str:
+    """noise_manifest.csv for a single run; one file per group member otherwise, named by its settings."""
+    return MANIFEST if members == 1 else f"noise_manifest_{_file_safe(member)}.csv"
+
+
+def _file_safe(text: str, extra: str = "") -> str:
+    """Runs of characters that could leave a folder, nest one or confuse a shell become one '_'."""
+    return re.sub(f"[^A-Za-z0-9.=+{re.escape(extra)}-]+", "_", text)
 
 
 def trial_record(trial_id: str, config: dict, members: list[tuple[str, TrialConfig]]) -> dict:

@@ -21,16 +21,10 @@ import time
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+from rsnl import storage
+
 PRUNE_EVERY_S = 30.0
 _CHECKPOINT = re.compile(r"^checkpoint_(\d+)$")
-
-
-def _fs(uri: str):
-    """(pyarrow filesystem, path) of a local path or a URI (s3://, gs://, ...)."""
-    import pyarrow.fs
-    if "://" not in uri:
-        return pyarrow.fs.LocalFileSystem(), uri
-    return pyarrow.fs.FileSystem.from_uri(uri)
 
 
 def durable_checkpoints(fs, exp_path: str) -> dict[str, int]:
@@ -60,7 +54,7 @@ def prune(exp_uri: str) -> int:
     """Delete the checkpoints no resume can need; returns how many were deleted."""
     import pyarrow.fs
     try:
-        fs, exp_path = _fs(exp_uri)
+        fs, exp_path = storage.filesystem(exp_uri)
         latest = durable_checkpoints(fs, exp_path)
         deleted = 0
         for folder, k in latest.items():
@@ -153,5 +147,4 @@ def following_scheduler(asha: dict | None, epochs: int, storage_root: str):
 
 def follow(scheduler, storage_root: str) -> None:
     """Point a (restored) FollowStorage scheduler at the storage as it is now."""
-    from rsnl import storage
     scheduler.storage = storage.filesystem(storage_root)

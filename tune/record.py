@@ -12,7 +12,6 @@ its failed entry. On URI storage the record is a local copy, uploaded after ever
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +26,17 @@ def local_path(experiment: str) -> Path:
     if storage.is_uri(experiment):
         return storage.mirror_dir(experiment, "records") / RECORD_FILE
     return Path(experiment) / RECORD_FILE
+
+
+def fetch(experiment: str) -> Path:
+    """The local optuna.db, brought up to date with the storage's copy first when the storage is a URI."""
+    path = local_path(experiment)
+    if storage.is_uri(experiment):
+        remote = storage.join(experiment, RECORD_FILE)
+        if storage.exists(remote):
+            from rsnl.files import atomic_write
+            atomic_write(path, storage.read_bytes(remote))
+    return path
 
 
 def storage_url(path) -> str:
@@ -86,11 +96,7 @@ class OptunaRecorder(tune.Callback):
         self._ostudy = None
 
     def setup(self, **info):
-        if storage.is_uri(self.experiment):  # continue the copy the storage holds (a resume)
-            remote = storage.join(self.experiment, RECORD_FILE)
-            if storage.exists(remote):
-                from rsnl.files import atomic_write
-                atomic_write(self.path, storage.read_bytes(remote))
+        fetch(self.experiment)  # continue the copy the storage holds (a resume)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._ostudy = open_study(storage_url(self.path), self.study)
         self._states = {t.user_attrs.get("tune_trial_id"): t.state.name
@@ -153,13 +159,13 @@ class Tally:
 
 def tally(experiment: str, study: StudyConfig) -> Tally:
     import optuna
-    path = local_path(experiment)
+    path = fetch(experiment)
     trials = []
     if path.is_file():
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         trials = optuna.load_study(study_name=study.name, storage=storage_url(path)).get_trials(deepcopy=False)
     states = [t.state.name for t in trials]
-    done = [t for t in trials if t.state.name == "COMPLETE" and t.value is not None and math.isfinite(t.value)]
+    done = [t for t in trials if t.state.name == "COMPLETE" and finite(t.value)]
     best = None
     if done:
         pick = max if study.mode == "max" else min

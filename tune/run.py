@@ -10,18 +10,17 @@ rsnl_driver.log in the experiment; the console gets rsnl's lines and one progres
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import socket
-import tempfile
 import time
 from pathlib import Path
 
 from rsnl import storage
 from rsnl.errors import ConfigError
+from rsnl.files import locked, probe_writable
 from rsnl.inputs import preflight, prepare_weights
-from rsnl.study import STUDY_FILE, StudyConfig, trial_folder_name, write_stored
+from rsnl.study import STUDY_FILE, StudyConfig, missing_study, trial_folder_name, write_stored
 from tune.resources import RayLog, check_cluster_gpus, check_local_gpus, init_ray, sigterm_as_sigint
 from tune.trainable import bank_key, compute_bank, train_trial
 
@@ -39,8 +38,8 @@ def check_storage(study: StudyConfig, resume: bool) -> None:
             probe = probe.parent
         if not probe.is_dir():
             raise ConfigError(f"storage: {root} cannot be created ({probe} is a file); choose another --storage")
-        try:  # a real write: permission bits do not tell for root, read-only mounts or quotas
-            tempfile.TemporaryFile(dir=probe).close()
+        try:
+            probe_writable(probe)  # the nearest existing folder: a refused study creates nothing
         except OSError as e:
             raise ConfigError(f"storage: {root} is not writable ({probe}: {e.strerror}); choose another --storage") from None
     try:
@@ -48,7 +47,7 @@ def check_storage(study: StudyConfig, resume: bool) -> None:
     except OSError as e:
         raise ConfigError(f"storage: cannot reach {study.storage_path()} ({' '.join(str(e).split())[:200]})") from None
     if resume and not stored:
-        raise ConfigError(f"--resume: no study to resume at {exp} ({STUDY_FILE} missing); check --storage and --name")
+        raise ConfigError(f"--resume: {missing_study(exp)}")
     if not resume and stored:
         raise ConfigError(f"--name: a study already exists at {exp}; use --resume to continue it or another --name")
 
@@ -56,27 +55,21 @@ def check_storage(study: StudyConfig, resume: bool) -> None:
 @contextlib.contextmanager
 def driver_lock(experiment: str):
     """One driver per experiment on this machine: a second one (new or --resume) is refused at once.
-    flock is released by the kernel when the holder dies, so a killed driver leaves no stale lock. The
-    lock file lives in the temp folder (not in the storage, which may be a bucket) and is never deleted
-    (deleting a lock file while another process opens it would let two hold it)."""
-    path = storage.mirror_dir(experiment, "locks").with_suffix(".lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
+    rsnl.files.locked, not waiting; the lock lives in the temp folder (the storage may be a bucket) and
+    dies with its holder."""
+    path = storage.mirror_dir(experiment, "locks")
+    with contextlib.ExitStack() as stack:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            f = stack.enter_context(locked(path, wait=False))
         except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            raise ConfigError(f"{experiment}: another launch.py is running this study ({holder}); wait for it to "
-                              f"end or stop it, then --resume") from None
-        f.seek(0)
-        f.truncate()
+            holder = ""
+            with contextlib.suppress(OSError):
+                holder = Path(f"{path}.lock").read_text().strip()
+            raise ConfigError(f"{experiment}: another launch.py is running this study ({holder or 'another process'}"
+                              f"); wait for it to end or stop it, then --resume") from None
         f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         f.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+        yield
 
 
 def bank_plan(study: StudyConfig) -> dict[tuple, dict]:

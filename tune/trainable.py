@@ -11,18 +11,17 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from rsnl.manifest import MANIFEST, write_manifest
+from rsnl.manifest import write_manifest
 from rsnl.device import resolve_device
 from rsnl.files import atomic_write
 from rsnl.models import load_clip
-from rsnl.study import TRIAL_FILE, trial_record
+from rsnl.study import TRIAL_FILE, manifest_name, trial_record
 from rsnl.trainer import build_trainer
 
 STATE_FILE = "state.pt"
@@ -55,14 +54,6 @@ def aggregate(members: dict[str, dict]) -> dict:
     if len(members) > 1:
         out["group"] = members
     return out
-
-
-def manifest_name(member: str, members: int) -> str:
-    """noise_manifest.csv for a single run; one file per group member otherwise, named by its settings
-    (characters that could leave the folder or confuse a shell become '_')."""
-    if members == 1:
-        return MANIFEST
-    return f"noise_manifest_{re.sub(r'[^A-Za-z0-9.=+-]+', '_', member)}.csv"
 
 
 def train_trial(config: dict, study=None, banks=None) -> None:
