@@ -117,7 +117,26 @@ def selection_metrics(keep, is_noisy, scores=None) -> dict[str, float]:
         "select_recall": kept_clean / clean.sum() if clean.any() else float("nan"),
         "noise_auroc": float("nan"),
     }
-    if scores is not None and clean.any() and (~clean).any():
-        from sklearn.metrics import roc_auc_score
-        out["noise_auroc"] = float(roc_auc_score(clean, np.asarray(scores)))
+    if scores is not None:
+        out["noise_auroc"] = clean_auroc(scores, is_noisy)
     return out
+
+
+def clean_auroc(scores, is_noisy) -> float:
+    """AUROC of `scores` for telling clean samples (positive) from noisy ones; NaN without both kinds."""
+    clean = ~np.asarray(is_noisy, dtype=bool)
+    if not (clean.any() and (~clean).any()):
+        return float("nan")
+    from sklearn.metrics import roc_auc_score
+    return float(roc_auc_score(clean, np.asarray(scores)))
+
+
+def block_cosine(text_features: torch.Tensor) -> float:
+    """Mean cosine between two different blocks' features of the same class (text_features [blocks, C, D],
+    L2-normalised): 1 when the blocks have collapsed to one prompt; NaN for a single block."""
+    m = text_features.shape[0]
+    if m < 2:
+        return float("nan")
+    t = text_features.float()
+    gram = torch.einsum("bcd,ecd->be", t, t) / t.shape[1]  # [m, m] class-averaged cosines
+    return float((gram.sum() - gram.diagonal().sum()) / (m * (m - 1)))

@@ -24,8 +24,8 @@ from rsnl.inputs import TrialData, trial_data
 from rsnl.manifest import sha256 as manifest_sha256
 from rsnl.models import LoadedClip, PromptMatrix
 from rsnl.ot import select_by_ot
-from rsnl.similarity import (alpha_schedule, feature_similarity, prompt_similarity, robust_similarity,
-                             select_clean, selection_metrics)
+from rsnl.similarity import (alpha_schedule, block_cosine, clean_auroc, feature_similarity, prompt_similarity,
+                             robust_similarity, select_clean, selection_metrics)
 from rsnl.zeroshot import zeroshot_accuracy
 
 # keys that may differ between a checkpoint and the run that continues it (where, not what, it computes)
@@ -89,28 +89,28 @@ class Trainer:
         return self.epoch >= self.cfg.epochs
 
     @torch.no_grad()
-    def robust_scores(self, epoch: int) -> tuple[float, np.ndarray]:
-        """(alpha, G): the robust similarity of every training sample from the prompts as they stand."""
-        alpha = alpha_schedule(max(epoch - self.cfg.alpha_lag, 0), self.cfg.alpha_base, self.cfg.alpha_rate)
+    def select(self, epoch: int) -> dict:
+        """This epoch's clean samples from the prompts as they stand: {alpha, score, keep, diagnostics}.
+        score ranks the samples: G, or Q_{i, y~_i} for the OT selector (where alpha has no role and is NaN).
+        diagnostics: how well each side of G alone separates clean from noisy samples, and how far the
+        blocks differ (the prompt side is computed for every selector, so baselines report it too)."""
+        cfg = self.cfg
         text = self.prompts.text_features()
         prompt_sim = prompt_similarity(self.train_f, text, self.data.sample.labels)
-        return alpha, robust_similarity(prompt_sim, self.feature_sim, alpha)
-
-    def select(self, epoch: int) -> tuple[float, np.ndarray, np.ndarray]:
-        """(alpha, score, keep): the clean samples of this epoch and the score that ranks them (G, or
-        Q_{i, y~_i} for the OT selector, where alpha has no role and is NaN)."""
-        if self.cfg.selector == "ot":
-            with torch.no_grad(), self._autocast():
+        noisy = self.data.sample.is_noisy
+        diagnostics = {"feature_auroc": clean_auroc(self.feature_sim, noisy),
+                       "prompt_auroc": clean_auroc(prompt_sim, noisy), "block_cosine": block_cosine(text)}
+        if cfg.selector == "ot":
+            with self._autocast():
                 probs = self.prompts(self.train_f, self.logit_scale).double().softmax(-1)
-            keep, score, self.ot_residual = select_by_ot(probs, self.data.sample.labels, self.cfg.ot_eps,
-                                                         self.cfg.ot_cost)
-            return float("nan"), score, keep
-        alpha, robust = self.robust_scores(epoch)
-        cfg = self.cfg
-        keep = select_clean(robust, self.data.sample.labels, cfg.selector, threshold=cfg.gmm_threshold,
+            keep, score, self.ot_residual = select_by_ot(probs, self.data.sample.labels, cfg.ot_eps, cfg.ot_cost)
+            return {"alpha": float("nan"), "score": score, "keep": keep, "diagnostics": diagnostics}
+        alpha = alpha_schedule(max(epoch - cfg.alpha_lag, 0), cfg.alpha_base, cfg.alpha_rate)
+        score = robust_similarity(prompt_sim, self.feature_sim, alpha)
+        keep = select_clean(score, self.data.sample.labels, cfg.selector, threshold=cfg.gmm_threshold,
                             ratio=cfg.select_ratio, reg_covar=cfg.gmm_reg_covar, max_iter=cfg.gmm_max_iter,
                             tol=cfg.gmm_tol, seed=cfg.seed)
-        return alpha, robust, keep
+        return {"alpha": alpha, "score": score, "keep": keep, "diagnostics": diagnostics}
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None)
@@ -125,7 +125,8 @@ class Trainer:
     def train_epoch(self) -> dict:
         cfg, e = self.cfg, self.epoch
         start = time.perf_counter()
-        alpha, score, keep = self.select(e)
+        selection = self.select(e)
+        alpha, score, keep = selection["alpha"], selection["score"], selection["keep"]
         # kept samples with the trial's loss; with ce+mae (NLPrompt) then the rest with MAE, in batches of
         # their own as NLPrompt's trainer does
         phases = [(keep, "ce" if cfg.loss == "ce+mae" else cfg.loss)]
@@ -173,6 +174,7 @@ class Trainer:
             "zeroshot_acc": self.zeroshot_acc,
             "alpha": alpha,
             **selection_metrics(keep, self.data.sample.is_noisy, score),
+            **selection["diagnostics"],
             **({"ot_residual": self.ot_residual} if cfg.selector == "ot" else {}),
             "epoch_seconds": time.perf_counter() - start,
         }

@@ -236,3 +236,26 @@ def test_selection_metrics_without_noise_or_without_keep():
     assert math.isnan(m["select_precision"]) and m["kept_frac"] == 0.0 and m["select_recall"] == 0.0
     m = selection_metrics([True, True], [True, True])
     assert math.isnan(m["select_recall"]) and math.isnan(m["noise_auroc"]) and m["select_precision"] == 0.0
+
+
+# --- diagnostics: each side of G alone, and how far the blocks differ -------------------------------
+
+def test_block_cosine_is_one_for_identical_blocks_zero_for_orthogonal_and_nan_for_one():
+    from rsnl.similarity import block_cosine
+    t = torch.nn.functional.normalize(torch.randn(1, 5, 8), dim=-1)
+    assert math.isnan(block_cosine(t))
+    assert block_cosine(t.expand(3, 5, 8)) == pytest.approx(1.0)
+    eye = torch.eye(8)
+    orth = torch.stack([eye[:5], eye[[5, 6, 7, 0, 1]]])  # [2, 5, 8]: each class's two features orthogonal
+    assert block_cosine(orth) == pytest.approx(0.0)
+    flipped = torch.stack([t[0], -t[0]])
+    assert block_cosine(flipped) == pytest.approx(-1.0)
+
+
+def test_clean_auroc_ranks_clean_above_noisy_and_is_nan_without_both():
+    from rsnl.similarity import clean_auroc
+    noisy = np.array([False, False, True, True])
+    assert clean_auroc([3.0, 2.0, 1.0, 0.0], noisy) == 1.0
+    assert clean_auroc([0.0, 1.0, 2.0, 3.0], noisy) == 0.0
+    assert clean_auroc([1.0, 0.0, 1.0, 0.0], noisy) == 0.5
+    assert math.isnan(clean_auroc([1.0, 2.0], np.array([False, False])))

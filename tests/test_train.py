@@ -31,7 +31,9 @@ REQUIRED = ("epoch", "train_loss", "val_acc", "test_acc", "alpha", "kept_frac", 
 
 
 def without_time(history):
-    return [{k: v for k, v in m.items() if k != "epoch_seconds"} for m in history]
+    """Comparable metrics: no wall time, and NaN (e.g. block_cosine of one block) as a string, since NaN != NaN."""
+    return [{k: "nan" if isinstance(v, float) and math.isnan(v) else v for k, v in m.items() if k != "epoch_seconds"}
+            for m in history]
 
 
 def trainer(inputs, **changes) -> Trainer:
@@ -413,3 +415,20 @@ def test_original_schedule_indexing(digits_inputs):
     plain.run()
     assert [m["lr"] for m in plain.history][1] == pytest.approx(lr * 0.5 * (1 + math.cos(math.pi / 4)))
     assert [m["alpha"] for m in plain.history][1] == pytest.approx(a * math.exp(1 / r))
+
+
+def test_each_epoch_reports_both_sides_of_g_and_the_blocks_cosine(digits_inputs):
+    from rsnl.similarity import block_cosine, clean_auroc, feature_similarity, prompt_similarity
+    tr = trainer(digits_inputs, blocks=3, epochs=2, warmup_epochs=0, lr=0.05)
+    sample = tr.data.sample
+    text0 = tr.prompts.text_features().detach()
+    history = tr.run()
+    # the feature side rests on frozen features: one value, every epoch
+    expected = clean_auroc(feature_similarity(tr.train_f, sample.labels), sample.is_noisy)
+    assert [m["feature_auroc"] for m in history] == [expected, expected]
+    # epoch 0 reads the prompts as initialised
+    assert history[0]["prompt_auroc"] == clean_auroc(prompt_similarity(tr.train_f, text0, sample.labels),
+                                                     sample.is_noisy)
+    assert history[0]["block_cosine"] == pytest.approx(block_cosine(text0))
+    assert history[1]["block_cosine"] != history[0]["block_cosine"], "the prompts moved"
+    assert math.isnan(trainer(digits_inputs, blocks=1, epochs=1).run()[0]["block_cosine"])
