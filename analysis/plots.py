@@ -125,6 +125,58 @@ def curves(df: pd.DataFrame, noise_rate: float) -> Figure:
     return fig
 
 
+# (metric, panel title, y label); the feature similarity's AUROC is drawn in the prompt panel, where the two
+# sides of G meet
+DIAGNOSTICS = (("noise_auroc", "AUROC of the selection score (G, or Q for OT)", "AUROC, clean vs noisy"),
+               ("prompt_auroc", "AUROC of each side of G alone", "AUROC, clean vs noisy"),
+               ("block_cosine", "blocks' mean cosine (same class)", "cosine"))
+
+
+def diagnostics(df: pd.DataFrame, noise_rate: float) -> Figure:
+    """Which side of G separates clean from noisy samples, epoch by epoch, and whether the blocks differ:
+    the AUROC of G, of the prompt similarity (solid) and of the feature similarity (dotted, fixed by the
+    frozen features), and the blocks' mean cosine (1: collapsed into one prompt). Mean over the runs of
+    each method; band +-1 std."""
+    d = df[(df["noise_rate"] == noise_rate) & (df["status"] != "ERROR")].dropna(subset=["epoch"])
+    methods = [m for m in method_order(df) if m in set(d["method"])]
+    col = colors(method_order(df))
+    fig = Figure(figsize=(15, 4.6))
+    axes = fig.subplots(1, 3)
+    for ax, (key, title, unit) in zip(axes, DIAGNOSTICS):
+        for m in methods:
+            dm = d[d["method"] == m]
+            if key not in dm:
+                continue
+            g = dm.groupby("epoch")[key].agg(["mean", "std"])
+            if g["mean"].notna().any():
+                ax.plot(g.index, g["mean"], color=col[m], lw=1.8, label=m)
+                ax.fill_between(g.index, g["mean"] - g["std"].fillna(0), g["mean"] + g["std"].fillna(0),
+                                color=col[m], alpha=0.15, lw=0)
+            if key == "prompt_auroc" and "feature_auroc" in dm:
+                f = dm.groupby("epoch")["feature_auroc"].mean()
+                if f.notna().any():
+                    ax.plot(f.index, f.values, color=col[m], lw=1.4, ls=":")
+        ax.set_title(title, fontsize=11)
+        ax.set_xlabel("epoch (0-indexed)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(unit)
+        ax.grid(alpha=0.3)
+        if not ax.has_data():
+            ax.text(0.5, 0.5, "not reported (no noise, or one block)", ha="center", va="center",
+                    transform=ax.transAxes)
+    axes[1].plot([], [], color="0.3", lw=1.8, label="prompt similarity")
+    axes[1].plot([], [], color="0.3", lw=1.4, ls=":", label="feature similarity")
+    axes[1].legend(fontsize=9, loc="lower right")
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(handles), 8), title="method", fontsize=10,
+                   bbox_to_anchor=(0.5, -0.02))
+    fig.suptitle(f"{df.attrs.get('name', '')}: the two sides of G and the blocks at {noise_label(noise_rate)} label "
+                 f"noise (mean ± std over seeds)", fontsize=13)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    return fig
+
+
 def to_png(fig: Figure, dpi: int = 100) -> bytes:
     """PNG bytes, for IPython.display.Image: shows in any notebook backend (Agg included)."""
     buf = io.BytesIO()

@@ -75,6 +75,10 @@ def write_report(experiment, out=None, evaluator: str = "default") -> Path:
     paired = paired_table(df)
     if paired:  # only where the study has the CoOp baseline on the same draws
         table("Paired difference to CoOp (last epoch)", paired, "paired")
+    for reference, methods in _pairs_by_reference(study):
+        tab = paired_table(df, baseline=reference, methods=methods)
+        if tab:
+            table(f"Paired difference to {reference} (last epoch)", tab, f"paired_{_slug(reference)}")
     table("Clean-sample selection (last epoch)", selection_table(df), "selection")
 
     md += ["## Accuracy vs noise rate", ""]
@@ -87,11 +91,31 @@ def write_report(experiment, out=None, evaluator: str = "default") -> Path:
         figure(plots.curves(df, rate), f"curves_noise_{rate * 100:g}.png", f"curves at {noise_label(rate)} noise")
     if not rates:
         md += ["_No epoch reported yet._", ""]
+    noisy = [r for r in rates if r > 0]
+    if noisy and "prompt_auroc" in df and df["prompt_auroc"].notna().any():
+        md += ["## The two sides of G, and the blocks", "",
+               "Per epoch: the AUROC (clean vs noisy) of the selection score, of the prompt similarity and of the "
+               "feature similarity alone, and the blocks' mean cosine; mean over seeds, band = ±1 std.", ""]
+        for rate in noisy:
+            figure(plots.diagnostics(df, rate), f"diagnostics_noise_{rate * 100:g}.png",
+                   f"diagnostics at {noise_label(rate)} noise")
 
     if study is not None and study.kind in ("optuna", "random"):
         _search_section(md, df, evaluator, figure)
     atomic_write(out / REPORT, "\n".join(md).rstrip() + "\n")
     return out / REPORT
+
+
+def _pairs_by_reference(study) -> list[tuple[str, list[str]]]:
+    """The study's `pairs`, one table per reference: [(reference, [variant, ...])]."""
+    out: dict[str, list[str]] = {}
+    for method, reference in (study.pairs if study is not None else []):
+        out.setdefault(reference, []).append(method)
+    return list(out.items())
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
 
 
 def _overview(df) -> list[str]:

@@ -35,6 +35,7 @@ class Cell:
     hi: float = math.nan
     show_n: bool = False
     flag: str = ""
+    need: int = 0  # seeds a paired interval would need to exclude 0 at this mean and spread (0: none shown)
 
     def text(self, digits: int, latex: bool = False) -> str:
         if self.mean is None or not math.isfinite(self.mean):
@@ -42,7 +43,7 @@ class Cell:
         fmt = (lambda v: f"{v:+.{digits}f}") if self.signed else (lambda v: f"{v:.{digits}f}")
         m = fmt(self.mean)
         interval = f" [{fmt(self.lo)}, {fmt(self.hi)}]" if math.isfinite(self.lo) and math.isfinite(self.hi) else ""
-        n = f" (n={self.n})" if self.show_n else ""
+        n = f" (n={self.n}{f'; needs ~{self.need}' if self.need else ''})" if self.show_n else ""
         if latex:
             m = f"\\mathbf{{{m}}}" if self.bold else m
             body = f"${m} \\pm {self.std:.{digits}f}$" if math.isfinite(self.std) else f"${m}$"
@@ -226,41 +227,73 @@ def ablation_table(df: pd.DataFrame, metric: str = "test_acc", baseline: str = B
     return Table(f"{name} (last epoch)", rows, columns, cells, caption, stats, "method", digits)
 
 
-def paired_differences(df: pd.DataFrame, metric: str = "test_acc", baseline: str = BASELINE) -> pd.DataFrame:
+def paired_differences(df: pd.DataFrame, metric: str = "test_acc", baseline: str = BASELINE,
+                       methods: list[str] | None = None) -> pd.DataFrame:
     """Per method, noise rate and seed: the method's last-epoch value minus the baseline's at the same noise
-    rate and seed (the same draw), runs of one key averaged. Columns: method, noise_rate, seed, diff."""
+    rate and seed (the same draw), runs of one key averaged. Columns: method, noise_rate, seed, diff.
+    `methods`: only these (default: every other method)."""
     last = last_epoch(df)
     if last.empty or baseline not in set(last["method"]) or "seed" not in last:
         return pd.DataFrame(columns=["method", "noise_rate", "seed", "diff"])
     per = last.groupby(["method", "noise_rate", "seed"])[metric].mean().reset_index()
     base = per[per["method"] == baseline].drop(columns="method").rename(columns={metric: "base"})
-    pairs = per[per["method"] != baseline].merge(base, on=["noise_rate", "seed"])
+    others = per[per["method"] != baseline]
+    if methods is not None:
+        others = others[others["method"].isin(methods)]
+    pairs = others.merge(base, on=["noise_rate", "seed"])
     return pairs.assign(diff=pairs[metric] - pairs["base"])[["method", "noise_rate", "seed", "diff"]]
 
 
-def paired_table(df: pd.DataFrame, metric: str = "test_acc", baseline: str = BASELINE, digits: int = 2,
-                 confidence: float = 0.95) -> Table:
-    """Rows: methods; columns: noise rates; cell: mean over seeds of (method - baseline) at the same seed,
-    with its t-interval (n - 1 degrees of freedom) and the number of pairs."""
+def seeds_to_resolve(mean: float, sd: float, confidence: float = 0.95, cap: int = 10_000) -> int:
+    """The fewest pairs whose t-interval would exclude 0 if the differences kept this mean and spread
+    (cap + 1 when even `cap` would not)."""
     from scipy import stats as st
-    pairs = paired_differences(df, metric, baseline)
-    rows = [m for m in method_order(df) if m in set(pairs["method"])]
+    if not (math.isfinite(mean) and math.isfinite(sd)) or mean == 0:
+        return cap + 1
+
+    def excludes(n: int) -> bool:
+        return st.t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n) < abs(mean)
+    z = st.norm.ppf(0.5 + confidence / 2)
+    n = int(min(max(2, (z * sd / abs(mean)) ** 2), cap))  # the normal approximation, a little low
+    while n <= cap and not excludes(n):
+        n += 1
+    while n > 2 and excludes(n - 1):
+        n -= 1
+    return n
+
+
+def paired_table(df: pd.DataFrame, metric: str = "test_acc", baseline: str = BASELINE, digits: int = 2,
+                 confidence: float = 0.95, methods: list[str] | None = None) -> Table:
+    """Rows: methods (default all but the baseline; or `methods`); columns: noise rates; cell: mean over
+    seeds of (method - baseline) at the same seed, with its t-interval (n - 1 degrees of freedom), the
+    number of pairs and, where the interval holds 0, about how many pairs would resolve the difference."""
+    from scipy import stats as st
+    pairs = paired_differences(df, metric, baseline, methods)
+    order = methods if methods is not None else method_order(df)
+    rows = [m for m in order if m in set(pairs["method"])]
     rates = sorted(pairs["noise_rate"].unique())
     columns = [noise_label(r) for r in rates]
     cells = {}
+    unresolved = False
     for (m, rate), d in pairs.groupby(["method", "noise_rate"]):
         x = d["diff"].to_numpy(dtype=float)
         n = len(x)
         cell = Cell(float(x.mean()), n=n, signed=True, show_n=True)
         if n > 1:
-            half = float(st.t.ppf(0.5 + confidence / 2, n - 1) * x.std(ddof=1) / math.sqrt(n))
+            sd = x.std(ddof=1)
+            half = float(st.t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n))
             cell.lo, cell.hi = cell.mean - half, cell.mean + half
+            if cell.lo <= 0 <= cell.hi and sd > 0:
+                cell.need, unresolved = seeds_to_resolve(cell.mean, sd, confidence), True
         cells[(m, noise_label(rate))] = cell
     name = {"test_acc": "test accuracy", "val_acc": "validation accuracy"}.get(metric, metric)
     caption = (f"Paired difference to {baseline} in {name} (points) at the last epoch: per seed, the method minus "
                f"{baseline} on the same draw (noise rate and seed), mean over seeds with the "
                f"{confidence:.0%} t-interval (n - 1 degrees of freedom; none for a single pair); n = seeds with both "
                "runs. An interval that excludes 0 is a difference these seeds resolve.")
+    if unresolved:
+        caption += (" needs ~k: where the interval holds 0, the seeds it would take to exclude 0 if the "
+                    "differences kept this mean and spread (a rough guide: the spread itself is uncertain).")
     stats = pairs.groupby(["method", "noise_rate"])["diff"].agg(["mean", "std", "size"]).reset_index()
     return Table(f"Paired difference to {baseline} (last epoch)", rows, columns, cells, caption, stats, "method",
                  digits)

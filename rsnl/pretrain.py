@@ -74,6 +74,7 @@ class Recipe:
     lr: float = 2e-3
     weight_decay: float = 0.1
     warmup_frac: float = 0.05
+    logit_scale: float | None = None  # fixed temperature (CLIP ends at its clamp, 100); None: learned
     seed: int = 1  # seed 0 lands at 55.2 % zero-shot, just outside the 40-55 % regime (docs/testbed.md)
 
     def digest(self, backbone: str) -> str:
@@ -200,6 +201,9 @@ def pretrain(backbone: str, recipe: Recipe, out, data_root=None, progress: bool 
         tokens, n_words, width = caption_table(FASHION_MNIST_CLASSES, recipe, open_clip.get_tokenizer(backbone))
         C, K = len(FASHION_MNIST_CLASSES), len(TEMPLATES)
         model.train()
+        if recipe.logit_scale is not None:
+            model.logit_scale.data.fill_(math.log(recipe.logit_scale))
+            model.logit_scale.requires_grad_(False)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
         warm = max(1, round(recipe.warmup_frac * recipe.steps))

@@ -45,7 +45,7 @@ EPOCH_METRICS = ("epoch", "lr", "train_loss", "train_acc", "val_acc", "test_acc"
 OBJECTIVE_METRICS = ("val_acc", "test_acc", "train_loss", "train_acc", "kept_frac", "select_precision",
                      "select_recall", "noise_auroc")
 STUDY_KEYS = ("name", "description", "storage", "trial", "search", "variants", "group", "objective", "asha",
-              "resources", "max_concurrent", "reuse_actors", "max_failures")
+              "resources", "max_concurrent", "reuse_actors", "max_failures", "pairs")
 SEARCH_KEYS = ("kind", "num_samples", "seed", "params")
 OBJECTIVE_KEYS = ("metric", "mode")
 ASHA_KEYS = ("grace_period", "reduction_factor")
@@ -72,6 +72,7 @@ class StudyConfig:
     max_failures: int = 2
     storage: str = "./results"
     description: str = ""
+    pairs: list[list[str]] = field(default_factory=list)  # [variant, reference]: paired differences to report
 
     # -- derived ---------------------------------------------------------------------------
     @property
@@ -249,13 +250,14 @@ def parse_study(values: dict) -> StudyConfig:
     if not isinstance(storage, str):
         raise ConfigError(f"storage: must be a folder or URI, got {storage!r}")
 
+    pairs = check_pairs(values.get("pairs"), names)
     trial, variants, group, params = (_absolute_paths(trial), [_absolute_paths(v) for v in variants],
                                       _absolute_paths(group), _absolute_paths(params))
     study = StudyConfig(name=name, trial=dict(trial), kind=kind, params=dict(params),
                         num_samples=num_samples, search_seed=seed, variants=list(variants), group=dict(group),
                         metric=metric, mode=mode, asha=asha, cpu=cpu, gpu=gpu, max_concurrent=max_concurrent,
                         reuse_actors=reuse, max_failures=max_failures, storage=storage,
-                        description=str(values.get("description") or ""))
+                        description=str(values.get("description") or ""), pairs=pairs)
     study.validate_trials()
     check_objective_defined(study)
     return study
@@ -332,6 +334,26 @@ def _check_distribution(key: str, spec, kind: str) -> None:
 
 # --- the stored study ---------------------------------------------------------------------------
 
+def check_pairs(pairs, variants: list[str]) -> list[list[str]]:
+    """`pairs: [[rsnl-m6, rsnl-m1], ...]`: each a variant and the reference it is compared with, seed by seed
+    (the report's paired tables; every method minus CoOp is shown anyway)."""
+    if pairs is None:
+        return []
+    if not isinstance(pairs, list):
+        raise ConfigError("pairs: must be a list of [variant, reference] pairs of variant names")
+    for i, pair in enumerate(pairs):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise ConfigError(f"pairs[{i}]: must be [variant, reference], two variant names, got {pair!r}")
+        unknown = [x for x in pair if x not in variants]
+        if unknown:
+            allowed = ", ".join(variants) if variants else "none (the study has no variants)"
+            raise ConfigError(f"pairs[{i}]: {unknown[0]!r} is not a variant{_suggest(unknown[0], variants)}; "
+                              f"allowed: {allowed}")
+        if pair[0] == pair[1]:
+            raise ConfigError(f"pairs[{i}]: compares {pair[0]!r} with itself")
+    return [list(p) for p in pairs]
+
+
 def study_to_dict(study: StudyConfig) -> dict:
     """The study as rsnl_study.yaml holds it, storage absolute (so a resume from elsewhere finds it)."""
     search = {"kind": study.kind, "num_samples": study.num_samples, "seed": study.search_seed,
@@ -340,7 +362,8 @@ def study_to_dict(study: StudyConfig) -> dict:
             "trial": study.trial, "search": search, "variants": study.variants, "group": study.group,
             "objective": {"metric": study.metric, "mode": study.mode}, "asha": study.asha,
             "resources": {"cpu": study.cpu, "gpu": study.gpu}, "max_concurrent": study.max_concurrent,
-            "reuse_actors": study.reuse_actors, "max_failures": study.max_failures}
+            "reuse_actors": study.reuse_actors, "max_failures": study.max_failures,
+            **({"pairs": study.pairs} if study.pairs else {})}
 
 
 def write_stored(study: StudyConfig) -> str:
@@ -381,7 +404,7 @@ def read_stored(experiment: str, check: bool = True) -> StudyConfig:
                        metric=metric, mode=objective.get("mode", "min" if metric == "train_loss" else "max"),
                        asha=values.get("asha"), cpu=float(resources.get("cpu", 1)),
                        gpu=float(resources.get("gpu", 0)), storage=values["storage"],
-                       description=str(values.get("description") or ""))
+                       description=str(values.get("description") or ""), pairs=list(values.get("pairs") or []))
 
 
 # --- trials on disk -----------------------------------------------------------------------------

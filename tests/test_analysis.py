@@ -250,7 +250,7 @@ def test_paired_differences_to_coop_with_t_intervals(grid_experiment):
         cell = table.cells[("rsnl-m2", f"{rate * 100:g}%")]
         assert cell.n == 2 and cell.mean == pytest.approx(mean)
         assert (cell.lo, cell.hi) == (pytest.approx(mean - half), pytest.approx(mean + half))
-        assert f"[{mean - half:+.2f}, {mean + half:+.2f}] (n=2)" in table.markdown()
+        assert f"[{mean - half:+.2f}, {mean + half:+.2f}] (n=2" in table.markdown()
     assert "95% t-interval" in table.caption
 
 
@@ -413,3 +413,41 @@ def test_notebooks_run_on_a_real_study(name, optuna_experiment, monkeypatch):
     assert len(images) >= 2
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors
+
+
+def test_seeds_to_resolve_is_the_first_n_whose_interval_excludes_zero():
+    from scipy import stats
+
+    from analysis.tables import seeds_to_resolve
+
+    def excludes_zero(n, mean, sd):
+        return stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n) < abs(mean)
+    for mean, sd in ((1.0, 2.0), (-0.5, 3.0), (2.0, 1.0)):
+        n = seeds_to_resolve(mean, sd)
+        assert excludes_zero(n, mean, sd) and not excludes_zero(n - 1, mean, sd)
+    assert seeds_to_resolve(0.0, 1.0) > 10_000
+
+
+def test_a_studys_pairs_get_their_own_paired_table_in_the_report(grid_experiment, tmp_path):
+    """pairs: [[coop, rsnl-m2]] reports coop minus rsnl-m2 per seed: the CoOp table's cells negated."""
+    import shutil
+
+    import yaml
+
+    from analysis import load_experiment, paired_table, write_report
+
+    exp = tmp_path / "grid"
+    shutil.copytree(grid_experiment, exp)
+    stored = yaml.safe_load((exp / "rsnl_study.yaml").read_text())
+    stored["pairs"] = [["coop", "rsnl-m2"]]
+    (exp / "rsnl_study.yaml").write_text(yaml.safe_dump(stored))
+    df = load_experiment(exp)
+    to_coop = paired_table(df)
+    reversed_ = paired_table(df, baseline="rsnl-m2", methods=["coop"])
+    assert reversed_.rows == ["coop"] and reversed_.columns == to_coop.columns
+    for col in to_coop.columns:
+        a, b = to_coop.cells[("rsnl-m2", col)], reversed_.cells[("coop", col)]
+        assert b.mean == pytest.approx(-a.mean) and (b.lo, b.hi) == (pytest.approx(-a.hi), pytest.approx(-a.lo))
+    text = write_report(exp, tmp_path / "report").read_text()
+    assert "## Paired difference to rsnl-m2 (last epoch)" in text
+    assert (tmp_path / "report" / "paired_rsnl-m2.tex").is_file()

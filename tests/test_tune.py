@@ -58,6 +58,10 @@ BAD_STUDIES = [
     ({"name": "a\\b"}, "name: must be one folder name"),
     ({"name": "s?x=1"}, "name: must be one folder name"),
     ({"objective": {"metric": "noise_auroc"}, "trial": {"noise_rate": 0.0}}, "noise_auroc is undefined"),
+    ({"pairs": [["rsnl-m3", "coop"]]}, "pairs[0]: 'rsnl-m3' is not a variant (did you mean 'rsnl-m2'?)"),
+    ({"pairs": [["coop"]]}, "pairs[0]: must be [variant, reference]"),
+    ({"pairs": [["coop", "coop"]]}, "pairs[0]: compares 'coop' with itself"),
+    ({"pairs": "coop"}, "pairs: must be a list"),
 ]
 
 

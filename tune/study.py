@@ -97,6 +97,9 @@ def smoke(study: StudyConfig) -> StudyConfig:
              "epochs": 2, "aug_views": 1, "shots": min(int(study.trial.get("shots", 16)), 8), "n_ctx": 4,
              "device": "cpu"}
     params = {k: ({"grid": v["grid"][:2]} if "grid" in v else v) for k, v in study.params.items()}
+    variants = study.variants[:2]
+    kept = {v["name"] for v in variants}
+    pairs = [p for p in study.pairs if set(p) <= kept]
     return dataclasses.replace(study, name=f"{study.name}-smoke", trial=trial, params=params,
-                               variants=study.variants[:2], group={k: v[:1] for k, v in study.group.items()},
+                               variants=variants, pairs=pairs, group={k: v[:1] for k, v in study.group.items()},
                                num_samples=min(study.num_samples, 2), gpu=0.0, cpu=1.0)
