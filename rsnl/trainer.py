@@ -30,7 +30,8 @@ from rsnl.similarity import (alpha_schedule, block_cosine, clean_auroc, feature_
 from rsnl.zeroshot import zeroshot_accuracy
 
 # keys that may differ between a checkpoint and the run that continues it (where, not what, it computes)
-RUNTIME_KEYS = ("device", "precision", "cache_dir", "num_workers", "feature_batch_size", "data_root", "download")
+RUNTIME_KEYS = ("device", "precision", "cache_dir", "num_workers", "feature_batch_size", "data_root", "download",
+                "batch_members")
 
 
 def noisy_label_loss(logits: torch.Tensor, y: torch.Tensor, kind: str, q: float = 0.5) -> torch.Tensor:
@@ -237,16 +238,21 @@ class Trainer:
         self.history.append(metrics)
         return metrics
 
+    def train_step(self, run: "EpochRun", batch: "Batch") -> torch.Tensor:
+        """One training step of this member alone (rsnl.members.step_together: several side by side)."""
+        with self._autocast():
+            loss = self.batch_loss(run, batch, self.prompts.text_features())
+        self.count_loss(run, batch, loss.item())
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.optimizer_step()
+        return loss
+
     def train_epoch(self) -> dict:
         """One epoch of this member alone: the reference path (members side by side: rsnl/members.py)."""
         run = self.begin_epoch()
         for batch in run.batches:
-            with self._autocast():
-                loss = self.batch_loss(run, batch, self.prompts.text_features())
-            self.count_loss(run, batch, loss.item())
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.optimizer_step()
+            self.train_step(run, batch)
         return self.finish_epoch(run)
 
     def run(self, on_epoch=None) -> list[dict]:
