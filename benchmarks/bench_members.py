@@ -10,9 +10,10 @@ Workloads (members = the first K of a group's members, in the study's order):
            bench_trial's generated DTD tree and synthetic feature bank (the epoch's compute does not
            depend on the features' values), --dtd-blocks blocks, the robust filter; members noise
            {0, 12.5, 25, 50} % x seeds 1, 2, 3.
-How: for each group, fresh trainers train --epochs epochs one at a time (each epoch, member after member,
-as a trial with batch_members: false) and side by side (rsnl.members.train_side_by_side); the two modes
-alternate (which goes first too) for --repeats rounds, and the median counts. members/s = K / (seconds
+How: for each group, two sets of fresh trainers train --epochs epochs, one set one at a time (each epoch,
+member after member, as a trial with batch_members: false), the other side by side
+(rsnl.members.train_side_by_side); the modes alternate epoch by epoch (which goes first too), so that
+both see the same load on a shared machine; --repeats rounds, the median counts. members/s = K / (seconds
 for the epochs x 50 / epochs): 50-epoch members per second. Every round also compares the two modes'
 members (context and every metric, epoch_seconds aside): whether side by side changes a member's
 numbers. Memory (dtd): the peak of one side-by-side training step against rsnl.members.step_bytes'
@@ -87,16 +88,15 @@ def smoke_members(args):
     return [base.replace(noise_rate=r, seed=s) for r, s in NOISE_SEEDS], clip, bank
 
 
-def one_round(trainers, side_by_side: bool, epochs: int, device) -> float:
+def one_epoch(trainers, side_by_side: bool, device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    for _ in range(epochs):
-        if side_by_side:
-            train_side_by_side(trainers)
-        else:
-            for t in trainers:
-                t.train_epoch()
+    if side_by_side:
+        train_side_by_side(trainers)
+    else:
+        for t in trainers:
+            t.train_epoch()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
@@ -115,18 +115,21 @@ def differences(alone, together) -> tuple[float, float]:
 
 
 def time_group(configs, clip, bank, epochs: int, repeats: int, device, barrier=None) -> dict:
-    """Median seconds of `epochs` epochs of the group, one at a time and side by side, and the modes'
-    largest differences."""
+    """Seconds of `epochs` epochs of the group, one at a time and side by side (median of the rounds),
+    and the modes' largest differences. The modes alternate epoch by epoch (which goes first too), so
+    that both see the same load on a shared machine."""
     seconds = {False: [], True: []}
     diffs = []
     for r in range(repeats):
-        built = {}
-        for side_by_side in ((False, True) if r % 2 == 0 else (True, False)):
-            trainers = [build_trainer(c.replace(epochs=epochs), clip, bank) for c in configs]
-            if barrier is not None:
-                barrier.wait()
-            seconds[side_by_side].append(one_round(trainers, side_by_side, epochs, device))
-            built[side_by_side] = trainers
+        built = {mode: [build_trainer(c.replace(epochs=epochs), clip, bank) for c in configs] for mode in (False, True)}
+        total = {False: 0.0, True: 0.0}
+        for e in range(epochs):
+            for mode in ((False, True) if (r + e) % 2 == 0 else (True, False)):
+                if barrier is not None:
+                    barrier.wait()
+                total[mode] += one_epoch(built[mode], mode, device)
+        for mode in total:
+            seconds[mode].append(total[mode])
         diffs.append(differences(built[False], built[True]))
     return {"alone": median(seconds[False]), "together": median(seconds[True]), "runs": seconds,
             "ctx_diff": max(d[0] for d in diffs), "metric_diff": max(d[1] for d in diffs)}
