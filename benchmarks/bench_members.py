@@ -156,7 +156,7 @@ def report(label: str, k: int, t: dict, epochs: int) -> tuple[str, float]:
     exact = ("bit-identical" if t["ctx_diff"] == 0 and t["metric_diff"] == 0 else
              f"max |ctx diff| {t['ctx_diff']:.2g}, max |metric diff| {t['metric_diff']:.2g}")
     runs = " ".join(f"{a:.2f}/{b:.2f}" for a, b in zip(t["runs"][False], t["runs"][True]))
-    return (f"  {label:<22} group {k:>2}: one at a time {alone:7.3f} members/s, side by side {together:7.3f} "
+    return (f"  {label:<22} group {k:>2}: one at a time {alone:#7.3g} members/s, side by side {together:#7.3g} "
             f"members/s, ratio {together / alone:5.2f}x  [s per {epochs} epochs, alone/together: {runs}; "
             f"{exact}; load {os.getloadavg()[0]:.1f}]"), together / alone
 
@@ -237,8 +237,8 @@ def run_procs(args) -> float:
         alone = sum(per_s(k, r[i][3]["alone"], epochs) for r in results)
         together = sum(per_s(k, r[i][3]["together"], epochs) for r in results)
         diff = max(r[i][3]["ctx_diff"] for r in results)
-        print(f"  {workload} {label:<18} group {k:>2}: one at a time {alone:7.3f} members/s, side by side "
-              f"{together:7.3f} members/s, ratio {together / alone:5.2f}x (all {args.procs} processes; "
+        print(f"  {workload} {label:<18} group {k:>2}: one at a time {alone:#7.3g} members/s, side by side "
+              f"{together:#7.3g} members/s, ratio {together / alone:5.2f}x (all {args.procs} processes; "
               f"max |ctx diff| {diff:.2g})", flush=True)
         ratios.append(together / alone)
     return ratios[-1]

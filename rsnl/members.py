@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from rsnl.config import TrialConfig
 from rsnl.models import PromptMatrix
+from rsnl.ot import ot_plan
 from rsnl.trainer import Batch, EpochRun, Trainer
 
 # Members agree on these to share the text tower's passes: the same tower and class prompts (backbone,
@@ -95,16 +96,32 @@ def step_together(step: list[tuple[Trainer, EpochRun, Batch]]) -> list[torch.Ten
     return losses
 
 
+def ot_plans_together(trainers: list[Trainer], texts: list[torch.Tensor]) -> dict[int, tuple]:
+    """PromptOT's plans (Q, residual) of the members that select by it, by their index: one Sinkhorn for
+    all members that share its settings and sample size, each stopping at its own round (rsnl.ot)."""
+    together: dict[tuple, list[int]] = {}
+    for i, t in enumerate(trainers):
+        if t.cfg.selector == "ot":
+            together.setdefault((t.cfg.ot_eps, t.cfg.ot_cost, len(t.data.sample)), []).append(i)
+    plans = {}
+    for (eps, cost, _), members in together.items():
+        if len(members) > 1:
+            q, residual = ot_plan(torch.stack([trainers[i].ot_probs(texts[i]) for i in members]), eps, cost)
+            plans.update({i: (q[j], float(residual[j])) for j, i in enumerate(members)})
+    return plans
+
+
 def train_side_by_side(trainers: list[Trainer]) -> list[dict]:
     """One epoch of every member, side by side: their metrics, in order. Selection, every training step
-    and the evaluation each take one text-tower pass for all members that need it; a member whose
-    batches are done sits out the remaining steps untouched."""
+    and the evaluation each take one text-tower pass for all members that need it (and PromptOT one
+    Sinkhorn); a member whose batches are done sits out the remaining steps untouched."""
     if len(trainers) == 1:
         return [trainers[0].train_epoch()]
     start = time.perf_counter()
     with torch.no_grad():
         texts = stacked_text_features([t.prompts for t in trainers])
-    runs = [t.begin_epoch(text) for t, text in zip(trainers, texts)]
+    plans = ot_plans_together(trainers, texts)
+    runs = [t.begin_epoch(text, plans.get(i)) for i, (t, text) in enumerate(zip(trainers, texts))]
     for s in range(max(len(r.batches) for r in runs)):
         step_together([(t, r, r.batches[s]) for t, r in zip(trainers, runs) if s < len(r.batches)])
     with torch.no_grad(), trainers[0]._autocast():

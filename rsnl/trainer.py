@@ -24,7 +24,7 @@ from rsnl.files import atomic_write
 from rsnl.inputs import TrialData, trial_data
 from rsnl.manifest import sha256 as manifest_sha256
 from rsnl.models import LoadedClip, PromptMatrix, ensemble_logits
-from rsnl.ot import select_by_ot
+from rsnl.ot import ot_plan, ot_selection
 from rsnl.similarity import (alpha_schedule, block_cosine, clean_auroc, feature_similarity, prompt_similarity,
                              robust_similarity, select_clean, selection_metrics)
 from rsnl.zeroshot import zeroshot_accuracy
@@ -115,12 +115,14 @@ class Trainer:
         return self.epoch >= self.cfg.epochs
 
     @torch.no_grad()
-    def select(self, epoch: int, text: torch.Tensor | None = None) -> dict:
+    def select(self, epoch: int, text: torch.Tensor | None = None, plan: tuple | None = None) -> dict:
         """This epoch's clean samples from the prompts as they stand: {alpha, score, keep, diagnostics}.
         score ranks the samples: G, or Q_{i, y~_i} for the OT selector (where alpha has no role and is NaN).
         diagnostics: how well each side of G alone separates clean from noisy samples, and how far the
         blocks differ (the prompt side is computed for every selector, so baselines report it too).
-        `text`: the prompts' text features when already computed (members side by side share the pass)."""
+        `text`: the prompts' text features when already computed (members side by side share the pass);
+        `plan`: for the OT selector, (Q, residual) of ot_plan(self.ot_probs(text)) when already computed
+        (members side by side solve theirs at once)."""
         cfg = self.cfg
         text = self.prompts.text_features() if text is None else text
         prompt_sim = prompt_similarity(self.train_f, text, self.data.sample.labels)
@@ -128,11 +130,8 @@ class Trainer:
         diagnostics = {"feature_auroc": self.feature_auroc, "prompt_auroc": clean_auroc(prompt_sim, noisy),
                        "block_cosine": block_cosine(text)}
         if cfg.selector == "ot":
-            with self._autocast():
-                # the autocast pass of the trained path; without autocast it is `text` itself
-                amp_text = text if self.amp is None else self.prompts.text_features()
-                probs = ensemble_logits(self.train_f, amp_text, self.logit_scale).double().softmax(-1)
-            keep, score, self.ot_residual = select_by_ot(probs, self.data.sample.labels, cfg.ot_eps, cfg.ot_cost)
+            q, self.ot_residual = plan if plan is not None else ot_plan(self.ot_probs(text), cfg.ot_eps, cfg.ot_cost)
+            keep, score = ot_selection(q, self.data.sample.labels)
             return {"alpha": float("nan"), "score": score, "keep": keep, "diagnostics": diagnostics}
         alpha = alpha_schedule(max(epoch - cfg.alpha_lag, 0), cfg.alpha_base, cfg.alpha_rate)
         score = robust_similarity(prompt_sim, self.feature_sim, alpha)
@@ -140,6 +139,14 @@ class Trainer:
                             ratio=cfg.select_ratio, reg_covar=cfg.gmm_reg_covar, max_iter=cfg.gmm_max_iter,
                             tol=cfg.gmm_tol, seed=cfg.seed)
         return {"alpha": alpha, "score": score, "keep": keep, "diagnostics": diagnostics}
+
+    @torch.no_grad()
+    def ot_probs(self, text: torch.Tensor) -> torch.Tensor:
+        """The class probabilities [N, C] that PromptOT transports, in float64, from the autocast pass of
+        the trained path (without autocast that is the selection's `text` itself)."""
+        with self._autocast():
+            amp_text = text if self.amp is None else self.prompts.text_features()
+            return ensemble_logits(self.train_f, amp_text, self.logit_scale).double().softmax(-1)
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None)
@@ -154,12 +161,13 @@ class Trainer:
 
     # -- one epoch in three pieces: plan, steps, metrics. train_epoch runs them for this member alone;
     # rsnl/members.py runs them for several members side by side, sharing the text tower's passes.
-    def begin_epoch(self, text: torch.Tensor | None = None) -> "EpochRun":
-        """The epoch's selection and its batches: the order and the views are drawn here, all at once, from
-        the member's own generator (the same draws, in the same order, as batch by batch)."""
+    def begin_epoch(self, text: torch.Tensor | None = None, plan: tuple | None = None) -> "EpochRun":
+        """The epoch's selection (`text`, `plan`: see select) and its batches: the order and the views are
+        drawn here, all at once, from the member's own generator (the same draws, in the same order, as
+        batch by batch)."""
         cfg, e = self.cfg, self.epoch
         start = time.perf_counter()
-        selection = self.select(e, text)
+        selection = self.select(e, text, plan)
         keep = selection["keep"]
         # kept samples with the trial's loss; with ce+mae (NLPrompt) then the rest with MAE, in batches of
         # their own as NLPrompt's trainer does

@@ -15,13 +15,14 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 # A group whose kept counts differ (the ratio selector fixes them: 20, 40 and 80 of the 80 samples,
 # 2, 3 and 5 batches of 16; the GMM and OT members keep what they keep), with different selectors, losses
-# (ce+mae has two phases), seeds, noise rates and block counts.
+# (ce+mae has two phases), seeds, noise rates and block counts; two PromptOT members share one Sinkhorn.
 MEMBERS = {
     "gmm": {},
     "ratio-25": dict(seed=2, selector="ratio", select_ratio=0.25),
     "ratio-50-m1": dict(seed=3, selector="ratio", select_ratio=0.5, blocks=1),
     "coop-gce": dict(seed=4, noise_rate=0.25, selector="none", loss="gce"),
     "nlprompt": dict(selector="ot", loss="ce+mae", blocks=1),
+    "nlprompt-2": dict(seed=2, noise_rate=0.25, selector="ot", loss="ce+mae", blocks=1),  # one Sinkhorn for both
 }
 
 
@@ -152,8 +153,8 @@ def test_a_tight_memory_budget_trains_the_group_in_chunks_with_the_same_results(
     per_member = step_bytes(next(iter(group.values())))
     assert per_member > 0
     plan = plan_groups(group, budget=2 * per_member)  # two members of the most blocks fit
-    assert plan.groups == [["gmm", "ratio-25"], ["ratio-50-m1"], ["coop-gce", "nlprompt"]]
-    assert len(plan.notes) == 1 and plan.notes[0].endswith("trained in 3 chunks of 2, 1, 2"), plan.notes
+    assert plan.groups == [["gmm", "ratio-25"], ["ratio-50-m1", "coop-gce"], ["nlprompt", "nlprompt-2"]]
+    assert len(plan.notes) == 1 and plan.notes[0].endswith("trained in 3 chunks of 2, 2, 2"), plan.notes
     assert plan_groups(group, budget=None).groups == [list(MEMBERS)]
     assert plan_groups(group, budget=100 * per_member).notes == []
 
