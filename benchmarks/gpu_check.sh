@@ -7,10 +7,13 @@
 # 2. installs what the image lacks (open_clip_torch, ray[tune], optuna, ...) from WHEELS_DIR only:
 #    pip --no-index --find-links, the installed torch (and torchvision) pinned so that pip never replaces
 #    them; nothing when everything imports already. Wheel list: benchmarks/README.md.
-# 3. the CUDA-relevant tests: tests/test_reference.py (its cuda tests run here) and tests/test_models.py
+# 3. the CUDA-relevant tests: tests/test_reference.py and tests/test_members.py (their cuda tests run
+#    here) and tests/test_models.py
 # 4. python -m benchmarks.bench_trial --device cuda (reference vs fast path, blocks 1 and 6, bf16 autocast)
-# 5. a study of four trials at 0.25 GPU each through launch.py (benchmarks/bench_study.py)
-# 6. nvidia-smi (after)
+# 5. members per second side by side vs one at a time, four processes at once (0.25 GPU per trial),
+#    DTD-shaped RN50 with 6 blocks, groups of 1 and 12 (benchmarks/bench_members.py)
+# 6. a study of four trials at 0.25 GPU each through launch.py (benchmarks/bench_study.py)
+# 7. nvidia-smi (after)
 # Logs go to $OUT (when set) or ./gpu_check_out: one file per step and summary.txt. Exit status: the
 # number of failed steps (0 = all passed).
 # GPU_CHECK_DRY_RUN=1 runs the same steps on the CPU at smoke sizes (to test this script without a GPU).
@@ -82,10 +85,12 @@ if [ "$DRY" = 1 ]; then
   note "dry run: CPU, smoke sizes"
   TRIAL_ARGS=(--device cpu --smoke)
   STUDY_ARGS=(--device cpu --cpus-per-trial 0.5 --trials 2 --epochs 2)
+  MEMBERS_ARGS=(--smoke --procs 2)
 else
-  TRIAL_ARGS=(--device cuda --workers 4 --fast-epochs 3 --ref-steps 3 --ref-select-batches 3 --text-reps 5
-              --cache-images 256)
+  TRIAL_ARGS=(--device cuda --workers 4 --fast-epochs 2 --ref-steps 2 --ref-select-batches 2 --text-reps 3
+              --cache-images 128)
   STUDY_ARGS=(--device cuda --gpus-per-trial 0.25 --trials 4 --epochs 5)
+  MEMBERS_ARGS=(--workload dtd --device cuda --procs 4 --groups 1 12 --dtd-blocks 6 --dtd-epochs 1 --repeats 1)
 fi
 if [ "$DRY" != 1 ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   note "FAIL torch: no CUDA-enabled torch here ($("$PY" -c 'import torch; print(torch.__version__)' 2>&1 | tail -n 1))"
@@ -111,14 +116,15 @@ else
 fi
 
 # --- checks --------------------------------------------------------------------------------------
-step tests 100 "$PY" -m pytest -q -p no:cacheprovider tests/test_reference.py tests/test_models.py
-step bench_trial 110 "$PY" -m benchmarks.bench_trial "${TRIAL_ARGS[@]}"
-step bench_study 100 "$PY" -m benchmarks.bench_study "${STUDY_ARGS[@]}"
+step tests 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_reference.py tests/test_members.py tests/test_models.py
+step bench_trial 70 "$PY" -m benchmarks.bench_trial "${TRIAL_ARGS[@]}"
+step bench_members 70 "$PY" -m benchmarks.bench_members "${MEMBERS_ARGS[@]}"
+step bench_study 60 "$PY" -m benchmarks.bench_study "${STUDY_ARGS[@]}"
 
 nvidia-smi > "$LOGS/nvidia-smi-after.txt" 2>&1
 head -n 15 "$LOGS/nvidia-smi-after.txt"
 rm -rf "$RAY_TMPDIR"
 note "# done in $(( $(date +%s) - START ))s, $failed failed step(s)"
-grep -h "^ratio=\|per-epoch ratio\|ratios:\|trials/hour\|ray overhead\|Ray overhead" "$LOGS"/bench_*.log 2>/dev/null \
+grep -h "^ratio=\|per-epoch ratio\|ratios:\|trials/hour\|ray overhead\|Ray overhead\|members/s" "$LOGS"/bench_*.log 2>/dev/null \
   | tee -a "$SUMMARY"
 exit "$failed"

@@ -16,6 +16,7 @@ protocol are in docs/method.md. Modules, one job each:
   ot          PromptOT: NLPrompt's optimal-transport selection
   zeroshot    the zero-shot baseline every trial reports
   trainer     the epoch loop, losses and checkpoints
+  members     a study trial's members trained side by side (one text-tower pass per step for all)
   train       the command line for one trial (`python -m rsnl.train`)
   files       the cache folder, atomic writes and locks
   testing     generated image datasets for tests and benchmarks

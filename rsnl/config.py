@@ -99,6 +99,9 @@ class TrialConfig:
     cache_dir: str | None = field(default=None, metadata={"help": "feature cache (None: $RSNL_CACHE or ~/.cache/rsnl)"})
     feature_batch_size: int = field(default=64, metadata=_range(1))
     num_workers: int = field(default=0, metadata=_range(0))
+    batch_members: bool = field(default=True, metadata={
+        "help": "a study trial trains its group members side by side, one text-tower pass per step for all "
+                "(rsnl/members.py); false: one member at a time"})
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

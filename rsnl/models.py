@@ -309,13 +309,20 @@ class PromptMatrix(nn.Module):
 
     # -- text features ------------------------------------------------------------------------
     def text_features(self) -> torch.Tensor:
-        feats = self._prefix_shared() if self.fast else self._batched()
-        return F.normalize(feats, dim=-1)
+        """[blocks, C, D], L2-normalised."""
+        return F.normalize(self.encode(self.ctx), dim=-1)
 
-    def prompt_embeddings(self) -> torch.Tensor:
+    def encode(self, ctx: torch.Tensor) -> torch.Tensor:
+        """The text tower's features [blocks, C, D] (not normalised) of the prompts with context `ctx`:
+        this matrix's, or several of this shape stacked along the first dimension (members trained side
+        by side, rsnl/members.py)."""
+        return self._prefix_shared(ctx) if self.fast else self._batched(ctx)
+
+    def prompt_embeddings(self, ctx: torch.Tensor | None = None) -> torch.Tensor:
         """[blocks * C, length, d] token embeddings of every prompt (the plain path's input)."""
-        m, C, n = self.blocks, self.num_classes, self.n_ctx
-        ctx = self.ctx if self.csc else self.ctx.unsqueeze(1).expand(m, C, n, -1)
+        ctx = self.ctx if ctx is None else ctx
+        m, C, n = ctx.shape[0], self.num_classes, self.n_ctx
+        ctx = ctx if self.csc else ctx.unsqueeze(1).expand(m, C, n, -1)
         ctx = ctx.to(self.sos.dtype)
         sos = self.sos.expand(m, C, 1, -1)
         suffix = self.suffix.expand(m, C, -1, -1)
@@ -334,18 +341,19 @@ class PromptMatrix(nn.Module):
             x = torch.stack(rows, dim=1)
         return x.reshape(m * C, self.length, -1)
 
-    def _batched(self) -> torch.Tensor:
-        x = encode_cut(self.tower, self.prompt_embeddings(), self.eos.repeat(self.blocks))
-        return x.reshape(self.blocks, self.num_classes, -1)
+    def _batched(self, ctx: torch.Tensor) -> torch.Tensor:
+        m = ctx.shape[0]
+        x = encode_cut(self.tower, self.prompt_embeddings(ctx), self.eos.repeat(m))
+        return x.reshape(m, self.num_classes, -1)
 
-    def _prefix_shared(self) -> torch.Tensor:
+    def _prefix_shared(self, ctx: torch.Tensor) -> torch.Tensor:
         """Exact: causal attention lets the per-block prefix be computed once and attended to by all
         class suffixes (docs/performance.md)."""
         t = self.tower
-        m, C, P = self.blocks, self.num_classes, 1 + self.n_ctx
+        m, C, P = ctx.shape[0], self.num_classes, 1 + self.n_ctx
         S = self.length - P
         pos = t.positional_embedding.to(self.sos.dtype)
-        hp = torch.cat([self.sos[:1].expand(m, 1, -1), self.ctx.to(self.sos.dtype)], dim=1) + pos[:P]  # [m, P, d]
+        hp = torch.cat([self.sos[:1].expand(m, 1, -1), ctx.to(self.sos.dtype)], dim=1) + pos[:P]  # [m, P, d]
         hs = (self.suffix + pos[P: P + S]).unsqueeze(0).expand(m, C, S, -1)                          # [m, C, S, d]
         causal = torch.full((S, S), float("-inf"), device=hs.device).triu_(1).to(hs.dtype)
         for blk in t.transformer.resblocks:
@@ -355,9 +363,13 @@ class PromptMatrix(nn.Module):
         return _project(t, x)
 
     def forward(self, image_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-        """Ensemble logits [N, C] = mean over blocks of s * f . t_b (image features L2-normalised)."""
-        text = self.text_features()
-        return logit_scale * torch.einsum("nd,bcd->ncb", image_features.to(text.dtype), text).mean(-1)
+        return ensemble_logits(image_features, self.text_features(), logit_scale)
+
+
+def ensemble_logits(image_features: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Logits [N, C] = mean over blocks of s * f . t_b, for text features [blocks, C, D] (image features
+    L2-normalised)."""
+    return logit_scale * torch.einsum("nd,bcd->ncb", image_features.to(text.dtype), text).mean(-1)
 
 
 def encode_cut(tower, embeddings: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:

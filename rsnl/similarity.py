@@ -9,6 +9,7 @@ the higher-mean component.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -78,6 +79,7 @@ def select_clean(scores, labels, method: str = "gmm", threshold: float = 0.5, ra
     labels = np.asarray(labels)
     if method not in SELECTORS or method == "ot":  # ot selects from class probabilities (rsnl/ot.py)
         raise ValueError(f"selector {method!r}: allowed {', '.join(m for m in SELECTORS if m != 'ot')}")
+    _check_finite(scores, "selection scores")
     keep = np.ones(len(scores), dtype=bool)
     if method == "none":
         return keep
@@ -98,11 +100,28 @@ def _gmm_keep(s: np.ndarray, threshold: float, reg_covar: float, max_iter: int, 
     from sklearn.mixture import GaussianMixture
     gmm = GaussianMixture(n_components=2, reg_covar=reg_covar, max_iter=max_iter, tol=tol, random_state=seed)
     x = s.reshape(-1, 1)
-    gmm.fit(x)
-    means = gmm.means_.ravel()
-    if abs(means[0] - means[1]) < 1e-9:  # collapsed to one component
-        return np.ones(len(s), dtype=bool)
-    return gmm.predict_proba(x)[:, int(np.argmax(means))] >= threshold
+    with sklearn_unchecked():
+        gmm.fit(x)
+        means = gmm.means_.ravel()
+        if abs(means[0] - means[1]) < 1e-9:  # collapsed to one component
+            return np.ones(len(s), dtype=bool)
+        return gmm.predict_proba(x)[:, int(np.argmax(means))] >= threshold
+
+
+@contextlib.contextmanager
+def sklearn_unchecked():
+    """scikit-learn without its per-call input and parameter validation, the same computation: its checks
+    cost as much as a 2-component fit on a class's few scores (docs/performance.md). The inputs are
+    checked once by the callers here (_check_finite; parameters by rsnl.config)."""
+    import sklearn
+    with sklearn.config_context(assume_finite=True, skip_parameter_validation=True):
+        yield
+
+
+def _check_finite(values: np.ndarray, what: str) -> None:
+    """The one check scikit-learn would make that matters here, as its ValueError."""
+    if not np.isfinite(values).all():
+        raise ValueError(f"{what} contain NaN or infinity")
 
 
 def selection_metrics(keep, is_noisy, scores=None) -> dict[str, float]:
@@ -128,7 +147,10 @@ def clean_auroc(scores, is_noisy) -> float:
     if not (clean.any() and (~clean).any()):
         return float("nan")
     from sklearn.metrics import roc_auc_score
-    return float(roc_auc_score(clean, np.asarray(scores)))
+    scores = np.asarray(scores)
+    _check_finite(scores, "AUROC scores")
+    with sklearn_unchecked():
+        return float(roc_auc_score(clean, scores))
 
 
 def block_cosine(text_features: torch.Tensor) -> float:

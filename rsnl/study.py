@@ -9,7 +9,8 @@ Layout of an experiment (STORAGE/NAME, a folder or a URI):
     rsnl_study.yaml          the study as it runs (storage recorded absolute)
     optuna.db                the Optuna record of every finished trial (what optuna-dashboard shows)
     <trial folder>/          Tune's params.json, result.json, events, checkpoints, error.txt, plus
-        rsnl_trial.json      the trial id, its params and the resolved TrialConfig of every member
+        rsnl_trial.json      the trial id, its params, the resolved TrialConfig of every member, and
+                             which members trained side by side
         noise_manifest*.csv  the draw of each member
 """
 
@@ -432,9 +433,14 @@ def _file_safe(text: str, extra: str = "") -> str:
     return re.sub(f"[^A-Za-z0-9.=+{re.escape(extra)}-]+", "_", text)
 
 
-def trial_record(trial_id: str, config: dict, members: list[tuple[str, TrialConfig]]) -> dict:
-    """What rsnl_trial.json holds: the trial's params as Tune gave them and every member's full config."""
-    return {"trial_id": trial_id, "params": config, "members": {name: cfg.to_dict() for name, cfg in members}}
+def trial_record(trial_id: str, config: dict, members: list[tuple[str, TrialConfig]],
+                 side_by_side: list[list[str]] | None = None, notes: list[str] | None = None) -> dict:
+    """What rsnl_trial.json holds: the trial's params as Tune gave them, every member's full config, and
+    which members trained side by side (rsnl/members.py) with the notes on why some did not."""
+    record = {"trial_id": trial_id, "params": config, "members": {name: cfg.to_dict() for name, cfg in members}}
+    if side_by_side is not None:
+        record["side_by_side"] = {"groups": side_by_side, "notes": list(notes or [])}
+    return record
 
 
 def read_json(path) -> Any:

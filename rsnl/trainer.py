@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import pickle
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,14 +23,15 @@ from rsnl.features import FeatureBank
 from rsnl.files import atomic_write
 from rsnl.inputs import TrialData, trial_data
 from rsnl.manifest import sha256 as manifest_sha256
-from rsnl.models import LoadedClip, PromptMatrix
-from rsnl.ot import select_by_ot
+from rsnl.models import LoadedClip, PromptMatrix, ensemble_logits
+from rsnl.ot import ot_plan, ot_selection
 from rsnl.similarity import (alpha_schedule, block_cosine, clean_auroc, feature_similarity, prompt_similarity,
                              robust_similarity, select_clean, selection_metrics)
 from rsnl.zeroshot import zeroshot_accuracy
 
 # keys that may differ between a checkpoint and the run that continues it (where, not what, it computes)
-RUNTIME_KEYS = ("device", "precision", "cache_dir", "num_workers", "feature_batch_size", "data_root", "download")
+RUNTIME_KEYS = ("device", "precision", "cache_dir", "num_workers", "feature_batch_size", "data_root", "download",
+                "batch_members")
 
 
 def noisy_label_loss(logits: torch.Tensor, y: torch.Tensor, kind: str, q: float = 0.5) -> torch.Tensor:
@@ -45,6 +47,29 @@ def noisy_label_loss(logits: torch.Tensor, y: torch.Tensor, kind: str, q: float 
     if kind == "mae":
         return (2.0 * (1.0 - p_y)).mean()
     raise ValueError(f"loss {kind!r}: allowed {', '.join(k for k in LOSSES if k != 'ce+mae')}")
+
+
+@dataclass
+class Batch:
+    """One training step's samples: rows of the sample, their augmented views (None: the un-augmented
+    features), the loss they take, and where the batch starts in its phase (for messages)."""
+    rows: torch.Tensor
+    views: torch.Tensor | None
+    loss: str
+    start: int
+
+
+@dataclass
+class EpochRun:
+    """One member's epoch in progress: its selection, its batches, and the running loss and accuracy."""
+    epoch: int
+    lr: float
+    selection: dict
+    batches: list[Batch]
+    start: float  # time.perf_counter() at its start
+    total: float = 0.0
+    seen: int = 0
+    correct: torch.Tensor | int = 0
 
 
 class Trainer:
@@ -69,6 +94,7 @@ class Trainer:
         self.val_f, self.test_f = to(data.val), to(data.test)
         self.labels = torch.as_tensor(data.sample.labels, device=self.device)
         self.feature_sim = feature_similarity(self.train_f, data.sample.labels)  # fixed: frozen features
+        self.feature_auroc = clean_auroc(self.feature_sim, data.sample.is_noisy)  # and so is its AUROC
         # the zero-shot baseline on the same test split: constant, reported every epoch beside test_acc
         self.zeroshot_acc = (float("nan") if data.zeroshot_text is None
                              else zeroshot_accuracy(data.test, data.zeroshot_text, data.test_labels))
@@ -89,21 +115,23 @@ class Trainer:
         return self.epoch >= self.cfg.epochs
 
     @torch.no_grad()
-    def select(self, epoch: int) -> dict:
+    def select(self, epoch: int, text: torch.Tensor | None = None, plan: tuple | None = None) -> dict:
         """This epoch's clean samples from the prompts as they stand: {alpha, score, keep, diagnostics}.
         score ranks the samples: G, or Q_{i, y~_i} for the OT selector (where alpha has no role and is NaN).
         diagnostics: how well each side of G alone separates clean from noisy samples, and how far the
-        blocks differ (the prompt side is computed for every selector, so baselines report it too)."""
+        blocks differ (the prompt side is computed for every selector, so baselines report it too).
+        `text`: the prompts' text features when already computed (members side by side share the pass);
+        `plan`: for the OT selector, (Q, residual) of ot_plan(self.ot_probs(text)) when already computed
+        (members side by side solve theirs at once)."""
         cfg = self.cfg
-        text = self.prompts.text_features()
+        text = self.prompts.text_features() if text is None else text
         prompt_sim = prompt_similarity(self.train_f, text, self.data.sample.labels)
         noisy = self.data.sample.is_noisy
-        diagnostics = {"feature_auroc": clean_auroc(self.feature_sim, noisy),
-                       "prompt_auroc": clean_auroc(prompt_sim, noisy), "block_cosine": block_cosine(text)}
+        diagnostics = {"feature_auroc": self.feature_auroc, "prompt_auroc": clean_auroc(prompt_sim, noisy),
+                       "block_cosine": block_cosine(text)}
         if cfg.selector == "ot":
-            with self._autocast():
-                probs = self.prompts(self.train_f, self.logit_scale).double().softmax(-1)
-            keep, score, self.ot_residual = select_by_ot(probs, self.data.sample.labels, cfg.ot_eps, cfg.ot_cost)
+            q, self.ot_residual = plan if plan is not None else ot_plan(self.ot_probs(text), cfg.ot_eps, cfg.ot_cost)
+            keep, score = ot_selection(q, self.data.sample.labels)
             return {"alpha": float("nan"), "score": score, "keep": keep, "diagnostics": diagnostics}
         alpha = alpha_schedule(max(epoch - cfg.alpha_lag, 0), cfg.alpha_base, cfg.alpha_rate)
         score = robust_similarity(prompt_sim, self.feature_sim, alpha)
@@ -112,29 +140,41 @@ class Trainer:
                             tol=cfg.gmm_tol, seed=cfg.seed)
         return {"alpha": alpha, "score": score, "keep": keep, "diagnostics": diagnostics}
 
+    @torch.no_grad()
+    def ot_probs(self, text: torch.Tensor) -> torch.Tensor:
+        """The class probabilities [N, C] that PromptOT transports, in float64, from the autocast pass of
+        the trained path (without autocast that is the selection's `text` itself)."""
+        with self._autocast():
+            amp_text = text if self.amp is None else self.prompts.text_features()
+            return ensemble_logits(self.train_f, amp_text, self.logit_scale).double().softmax(-1)
+
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None)
 
     @torch.no_grad()
-    def accuracy(self, feats: torch.Tensor, labels) -> float:
+    def accuracy(self, feats: torch.Tensor, labels, text: torch.Tensor | None = None) -> float:
+        """Test-style accuracy on `feats`; `text` the autocast text features when already computed."""
         with self._autocast():
-            text = self.prompts.text_features()
+            text = self.prompts.text_features() if text is None else text
             pred = torch.einsum("nd,bcd->nc", feats.to(text.dtype), text).argmax(-1)
         return 100.0 * (pred.cpu().numpy() == np.asarray(labels)).mean()
 
-    def train_epoch(self) -> dict:
+    # -- one epoch in three pieces: plan, steps, metrics. train_epoch runs them for this member alone;
+    # rsnl/members.py runs them for several members side by side, sharing the text tower's passes.
+    def begin_epoch(self, text: torch.Tensor | None = None, plan: tuple | None = None) -> "EpochRun":
+        """The epoch's selection (`text`, `plan`: see select) and its batches: the order and the views are
+        drawn here, all at once, from the member's own generator (the same draws, in the same order, as
+        batch by batch)."""
         cfg, e = self.cfg, self.epoch
         start = time.perf_counter()
-        selection = self.select(e)
-        alpha, score, keep = selection["alpha"], selection["score"], selection["keep"]
+        selection = self.select(e, text, plan)
+        keep = selection["keep"]
         # kept samples with the trial's loss; with ce+mae (NLPrompt) then the rest with MAE, in batches of
         # their own as NLPrompt's trainer does
         phases = [(keep, "ce" if cfg.loss == "ce+mae" else cfg.loss)]
         if cfg.loss == "ce+mae":
             phases.append((~keep, "mae"))
-        lr = self.optimizer.param_groups[0]["lr"]
-        total, correct, seen = 0.0, 0, 0
-        self.prompts.train()
+        batches = []
         for mask, loss_kind in phases:
             kept = torch.as_tensor(np.flatnonzero(mask), device=self.device)
             order = kept[torch.randperm(len(kept), generator=self.generator).to(self.device)]
@@ -144,45 +184,84 @@ class Trainer:
             full = len(order) >= cfg.batch_size
             end = len(order) - len(order) % cfg.batch_size if cfg.drop_last and full else len(order)
             for s in range(0, end, cfg.batch_size):
-                idx = order[s: s + cfg.batch_size]
-                f = self.views[view[s: s + cfg.batch_size], idx] if view is not None else self.train_f[idx]
-                y = self.labels[idx]
-                with self._autocast():
-                    logits = self.prompts(f, self.logit_scale)
-                    loss = noisy_label_loss(logits, y, loss_kind, cfg.gce_q)
-                    if cfg.loss == "ce+mae" and loss_kind == "mae":
-                        loss = loss / 2  # NLPrompt's MAE is mean(1 - p_y), half of rsnl's mae
-                if not torch.isfinite(loss):
-                    raise NonFiniteError(f"epoch {e}: train_loss is {loss.item()} (batch starting at {s}); "
-                                         f"lower lr or use precision fp32")
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(loss).backward()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                total += loss.item() * len(idx)
-                correct += int((logits.argmax(-1) == y).sum())
-                seen += len(idx)
+                batches.append(Batch(order[s: s + cfg.batch_size],
+                                     None if view is None else view[s: s + cfg.batch_size], loss_kind, s))
+        self.prompts.train()
+        return EpochRun(e, self.optimizer.param_groups[0]["lr"], selection, batches, start)
+
+    def batch_loss(self, run: "EpochRun", batch: "Batch", text: torch.Tensor) -> torch.Tensor:
+        """The loss of one batch for text features `text` (computed with gradients, under this member's
+        autocast by the caller); counts the batch's correct predictions."""
+        cfg, idx = self.cfg, batch.rows
+        f = self.views[batch.views, idx] if batch.views is not None else self.train_f[idx]
+        y = self.labels[idx]
+        logits = ensemble_logits(f, text, self.logit_scale)
+        loss = noisy_label_loss(logits, y, batch.loss, cfg.gce_q)
+        if cfg.loss == "ce+mae" and batch.loss == "mae":
+            loss = loss / 2  # NLPrompt's MAE is mean(1 - p_y), half of rsnl's mae
+        run.correct = run.correct + (logits.detach().argmax(-1) == y).sum()  # a tensor: no sync per step
+        return loss
+
+    def count_loss(self, run: "EpochRun", batch: "Batch", value: float) -> None:
+        """The batch's loss value into the epoch's mean; a non-finite one stops the run before any update."""
+        if not math.isfinite(value):
+            raise NonFiniteError(f"epoch {run.epoch}: train_loss is {value} (batch starting at {batch.start}); "
+                                 f"lower lr or use precision fp32")
+        run.total += value * len(batch.rows)
+        run.seen += len(batch.rows)
+
+    def optimizer_step(self) -> None:
+        """The update from the gradients that backward left (scaled under fp16)."""
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def finish_epoch(self, run: "EpochRun", text: torch.Tensor | None = None, seconds: float | None = None) -> dict:
+        """The epoch's metrics after its steps: val and test accuracy from one autocast text pass (`text`
+        when already computed), the selection's figures. `seconds`: the epoch's share of a side-by-side
+        group's wall time (default: this member's own wall time since begin_epoch)."""
+        cfg = self.cfg
         self.scheduler.step()
         self.prompts.eval()
+        if text is None:
+            with torch.no_grad(), self._autocast():
+                text = self.prompts.text_features()
+        selection = run.selection
         metrics = {
-            "epoch": e,
-            "lr": lr,
-            "train_loss": total / max(seen, 1),
-            "train_acc": 100.0 * correct / max(seen, 1),
-            "val_acc": self.accuracy(self.val_f, self.data.val_sample.labels),
-            "test_acc": self.accuracy(self.test_f, self.data.test_labels),
+            "epoch": run.epoch,
+            "lr": run.lr,
+            "train_loss": run.total / max(run.seen, 1),
+            "train_acc": 100.0 * int(run.correct) / max(run.seen, 1),
+            "val_acc": self.accuracy(self.val_f, self.data.val_sample.labels, text),
+            "test_acc": self.accuracy(self.test_f, self.data.test_labels, text),
             "zeroshot_acc": self.zeroshot_acc,
-            "alpha": alpha,
-            **selection_metrics(keep, self.data.sample.is_noisy, score),
+            "alpha": selection["alpha"],
+            **selection_metrics(selection["keep"], self.data.sample.is_noisy, selection["score"]),
             **selection["diagnostics"],
             **({"ot_residual": self.ot_residual} if cfg.selector == "ot" else {}),
-            "epoch_seconds": time.perf_counter() - start,
+            "epoch_seconds": time.perf_counter() - run.start if seconds is None else seconds,
         }
         # Plain Python numbers: checkpoints are read back with weights_only=True, which refuses numpy scalars.
         metrics = {k: int(v) if k == "epoch" else float(v) for k, v in metrics.items()}
         self.epoch += 1
         self.history.append(metrics)
         return metrics
+
+    def train_step(self, run: "EpochRun", batch: "Batch") -> torch.Tensor:
+        """One training step of this member alone (rsnl.members.step_together: several side by side)."""
+        with self._autocast():
+            loss = self.batch_loss(run, batch, self.prompts.text_features())
+        self.count_loss(run, batch, loss.item())
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.optimizer_step()
+        return loss
+
+    def train_epoch(self) -> dict:
+        """One epoch of this member alone: the reference path (members side by side: rsnl/members.py)."""
+        run = self.begin_epoch()
+        for batch in run.batches:
+            self.train_step(run, batch)
+        return self.finish_epoch(run)
 
     def run(self, on_epoch=None) -> list[dict]:
         while not self.done:

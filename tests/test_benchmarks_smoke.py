@@ -34,12 +34,23 @@ def test_bench_text_smoke():
     assert all(f"  {p} " in out for p in ("ref77", "plain", "fast"))
 
 
+def test_bench_members_smoke():
+    """Side by side vs one at a time on digits: members per second, the modes' differences, the ratio."""
+    out = run("bench_members", "--smoke")
+    lines = out.splitlines()
+    assert lines[-1].startswith("ratio=") and float(lines[-1].split("=", 1)[1]) > 0
+    assert out.count("members/s, side by side") == 2 and "group  2:" in out
+    assert "bit-identical" in out or "max |ctx diff|" in out
+
+
 def test_gpu_check_script_parses_and_explains_itself():
     script = REPO / "benchmarks" / "gpu_check.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     help_ = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True)
     assert help_.returncode == 0 and "WHEELS_DIR" in help_.stdout
     assert subprocess.run(["bash", str(script), "a", "b"], capture_output=True).returncode == 2
+    text = script.read_text()  # the members-per-second step: 0.25 GPU per trial, groups of 1 and 12
+    assert "benchmarks.bench_members" in text and "--procs 4 --groups 1 12" in text
 
 
 def test_bench_study_reads_tune_results(tmp_path):

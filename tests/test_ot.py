@@ -86,3 +86,20 @@ def test_plan_is_the_pseudo_label_source():
     assert q.argmax(1).tolist() == [0, 0, 1, 1]
     with pytest.raises(ValueError, match="ot_cost 'log'"):
         ot_cost(probs, "log")
+
+
+def test_several_problems_at_once_are_each_solved_as_alone():
+    """Members side by side solve their plans in one batch (rsnl/members.py): each problem stops at its own
+    round and ends with the plan and error it has alone."""
+    torch.manual_seed(2)
+    probs = torch.stack([torch.distributions.Dirichlet(torch.full((7,), conc)).sample((120,))
+                         for conc in (0.05, 0.3, 3.0)])  # sharp to soft: they need different rounds
+    a, b = uniform(120, 7)
+    q, rounds, err = sinkhorn_log(ot_cost(probs, "neg_log_prob"), a, b, 0.05, max_iter=3000)
+    assert rounds.shape == err.shape == (3,) and len(set(rounds.tolist())) == 3
+    for k in range(3):
+        qk, rk, ek = sinkhorn_log(ot_cost(probs[k], "neg_log_prob"), a, b, 0.05, max_iter=3000)
+        assert rk == int(rounds[k]) and err[k].item() == pytest.approx(ek, rel=1e-9, abs=1e-15)
+        torch.testing.assert_close(q[k], qk, rtol=1e-9, atol=1e-15)
+    batched, residuals = ot_plan(probs, eps=0.05)
+    assert batched.shape == (3, 120, 7) and residuals.shape == (3,)

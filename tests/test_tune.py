@@ -286,6 +286,57 @@ def test_trial_retried_after_a_crash_ends_like_an_uninterrupted_one(ray_session,
         assert {k: v for k, v in ra.items() if k not in drop} == {k: v for k, v in rb.items() if k not in drop}
 
 
+def test_grouped_trial_side_by_side_after_a_crash_ends_like_one_at_a_time(ray_session, tmp_path, study_cache):
+    """A trial's members train side by side by default (batch_members), one at a time with batch_members
+    false: the same numbers, and after a crash the side-by-side trial resumes each member from its own
+    checkpoint. The trial's record says which members trained together."""
+    values = grid_study(tmp_path / "a", study_cache, name="one-at-a-time", batch_members=False)
+    values["search"]["params"] = {}
+    values["variants"] = [{"name": "rsnl-m2", "blocks": 2}]
+    values["group"] = {"noise_rate": [0.25, 0.5], "seed": [1, 2]}
+    alone, _, _ = run(values)
+    values["trial"]["batch_members"] = True
+    with fail_once_at(1, tmp_path / "fault.done") as fault:
+        values.update(name="side-by-side", storage=str(tmp_path / "b"))
+        together, _, _ = run(values)
+    assert fault.exists(), "the fault fired"
+    (a,), (b,) = list(alone), list(together)
+    assert b.error is None
+    rows_a, rows_b = results_of(Path(a.path)), results_of(Path(b.path))
+    assert [r["epoch"] for r in rows_b] == [0, 1, 2]
+    for ra, rb in zip(rows_a, rows_b):
+        assert set(ra["group"]) == set(rb["group"]) and len(rb["group"]) == 4
+        for member, ma in ra["group"].items():
+            mb = rb["group"][member]
+            for k, v in ma.items():
+                if isinstance(v, str) or v != v:  # the manifest's hash; NaN (e.g. no blend)
+                    assert mb[k] == v or (mb[k] != mb[k] and v != v), (member, k)
+                elif k != "epoch_seconds":
+                    assert mb[k] == pytest.approx(v, rel=1e-6, abs=1e-9), (member, k)
+    record_a = json.loads((Path(a.path) / "rsnl_trial.json").read_text())
+    record_b = json.loads((Path(b.path) / "rsnl_trial.json").read_text())
+    assert record_b["side_by_side"] == {"groups": [list(record_b["members"])], "notes": []}
+    assert record_a["side_by_side"]["groups"] == [[m] for m in record_a["members"]]
+
+
+def test_driver_says_once_when_members_cannot_all_train_side_by_side(tmp_path, caplog):
+    from rsnl.study import parse_study
+    from tune.trainable import log_side_by_side
+    values = grid_study(tmp_path, tmp_path / "cache")
+    values["search"]["params"] = {}
+    values["group"] = {"n_ctx": [4, 8], "seed": [1, 2]}
+    with caplog.at_level("WARNING", logger="rsnl.members"):
+        log_side_by_side(parse_study(values))
+    lines = [r.getMessage() for r in caplog.records if r.name == "rsnl.members"]
+    assert lines == ["members differ in n_ctx: a trial trains them in 2 side-by-side groups (one text-tower pass "
+                     "per group and step) instead of one"]
+    caplog.clear()
+    values["group"] = {"seed": [1, 2], "blocks": [1, 2]}  # several block counts stack fine
+    with caplog.at_level("WARNING", logger="rsnl.members"):
+        log_side_by_side(parse_study(values))
+    assert not [r for r in caplog.records if r.name == "rsnl.members"]
+
+
 # --- own Ray processes --------------------------------------------------------------------------
 
 @pytest.fixture

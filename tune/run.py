@@ -22,7 +22,7 @@ from rsnl.files import locked, probe_writable
 from rsnl.inputs import preflight, prepare_weights
 from rsnl.study import STUDY_FILE, StudyConfig, missing_study, trial_folder_name, write_stored
 from tune.resources import RayLog, check_cluster_gpus, check_local_gpus, init_ray, sigterm_as_sigint
-from tune.trainable import bank_key, compute_bank, train_trial
+from tune.trainable import bank_key, compute_bank, log_side_by_side, train_trial
 
 LOG_FILE = "rsnl_driver.log"
 
@@ -208,6 +208,7 @@ def run_study(study: StudyConfig, address: str | None = None, resume: bool = Fal
             if address is not None:
                 check_cluster_gpus(study.gpu)
             banks, stats = compute_banks(study, log)
+            log_side_by_side(study)
             write_stored(study)  # on resume too: its storage is where the study is now (it may have moved)
             if not storage.is_uri(exp):
                 ray_log.move_to(Path(exp) / LOG_FILE)

@@ -1,6 +1,8 @@
 """The Tune trainable: one trial = one rsnl Trainer per group member, stepped an epoch at a time.
 
-Each epoch reports the group mean of every metric (the objective), each member's own metrics under
+Members that share the backbone and the prompts' shape train side by side (rsnl/members.py: one
+text-tower pass per step for all of them), unless the trial says `batch_members: false`. Each epoch
+reports the group mean of every metric (the objective), each member's own metrics under
 `group/<member>/...`, and a checkpoint holding every member's state, so that a retried or resumed
 trial continues exactly where it stopped. Image features arrive ready-made (FeatureBank via the
 object store); a trial never runs the image tower.
@@ -9,6 +11,7 @@ object store); a trial never runs the image tower.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -17,9 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rsnl.manifest import write_manifest
 from rsnl.device import resolve_device
 from rsnl.files import atomic_write
+from rsnl.manifest import write_manifest
+from rsnl.members import memory_budget, plan_groups, side_by_side_groups, splitting_keys
+from rsnl.members import train_epoch as members_epoch
 from rsnl.models import load_clip
 from rsnl.study import TRIAL_FILE, manifest_name, trial_record
 from rsnl.trainer import build_trainer
@@ -73,12 +78,17 @@ def train_trial(config: dict, study=None, banks=None) -> None:
             raise RuntimeError(f"feature bank of {bank.identity} does not match the trial's model {clip.identity}")
         trainers[name] = build_trainer(cfg, clip, bank)
 
+    # which members train side by side, in chunks that fit the trial's share of its device
+    context = tune.get_context()
+    plan = plan_groups(trainers, memory_budget(device, trial_share(study, device)))
+    for note in plan.notes:  # said once per trial, in the worker's log and in the trial's record
+        logging.getLogger("rsnl.members").warning(f"trial {context.get_trial_id()}: {note}")
+
     # every member's resolved config and draw beside its results (the same content again on a retry or
     # resume): the analysis reads these files and never rebuilds a config with later code
-    context = tune.get_context()
     folder = context.get_trial_dir()
     if folder:
-        record = trial_record(context.get_trial_id(), config, members)
+        record = trial_record(context.get_trial_id(), config, members, side_by_side=plan.groups, notes=plan.notes)
         atomic_write(Path(folder) / TRIAL_FILE, json.dumps(record, indent=1, sort_keys=True))
     for name, trainer in trainers.items():
         if trainer.data.manifest is not None and folder:
@@ -93,14 +103,35 @@ def train_trial(config: dict, study=None, banks=None) -> None:
 
     node = ray.get_runtime_context().get_node_id()[:12]  # which node ran it (several may share one IP)
     while not all(t.done for t in trainers.values()):
-        results = {name: {**t.train_epoch(), "noise_manifest_sha256": t.manifest_sha256}
-                   for name, t in trainers.items()}
+        results = {name: {**m, "noise_manifest_sha256": trainers[name].manifest_sha256}
+                   for name, m in members_epoch(trainers, plan.groups).items()}
         metrics = {**aggregate(results), "node_id": node}
         if len(results) == 1:
             metrics["noise_manifest_sha256"] = next(iter(results.values()))["noise_manifest_sha256"]
         with tempfile.TemporaryDirectory() as d:
             torch.save({"members": {n: t.state_dict() for n, t in trainers.items()}}, Path(d) / STATE_FILE)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def trial_share(study, device) -> float:
+    """The trial's share of its device: its GPU fraction, or its CPUs out of the node's."""
+    if device.type == "cuda":
+        return min(study.gpu, 1.0) or 1.0
+    return min(study.cpu / (os.cpu_count() or 1), 1.0)
+
+
+def log_side_by_side(study) -> None:
+    """The driver's one line when a trial's members cannot all train side by side (they differ in the
+    backbone or the prompts' shape): they fall back to several groups, each trained side by side."""
+    for overrides in study.corner_overrides():
+        configs = study.trial_configs(overrides)
+        keys = splitting_keys(configs)
+        if keys:
+            groups = side_by_side_groups(configs)
+            logging.getLogger("rsnl.members").warning(
+                f"members differ in {', '.join(keys)}: a trial trains them in {len(groups)} side-by-side groups "
+                f"(one text-tower pass per group and step) instead of one")
+            return
 
 
 def compute_bank(cfg_dict: dict):
