@@ -15,9 +15,12 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def fail_once_at(epoch: int, marker: Path):
+def fail_once_at(epoch: int, marker: Path, stale_results_in: Path | None = None):
     """While active, the first trial to report `epoch` raises RuntimeError("injected fault at epoch k")
-    before that epoch's result and checkpoint reach Tune. Yields the marker (it exists once fired)."""
+    before that epoch's result and checkpoint reach Tune. Yields the marker (it exists once fired).
+
+    With `stale_results_in` (the experiment's folder on local storage), the trial's result.json there
+    is first emptied, as if Tune's background copy of it had lagged behind the epochs reported."""
     import tune.run
     from tune.trainable import train_trial
 
@@ -36,6 +39,9 @@ def fail_once_at(epoch: int, marker: Path):
                 except FileExistsError:
                     pass
                 else:
+                    if stale_results_in is not None:
+                        trial = Path(ray_tune.get_context().get_trial_dir()).name
+                        (Path(stale_results_in) / trial / "result.json").write_text("")
                     raise RuntimeError(f"injected fault at epoch {epoch}")
             return report(metrics, **kw)
 

@@ -108,6 +108,27 @@ class RestoreGuard(tune.Callback):
             raise RestoreFailed("Tune could not restore the stored run state")
 
 
+class KeepResultsOnRetry(tune.Callback):
+    """A retried trial keeps every epoch in its result.json.
+
+    Tune writes result.json on the driver and copies it to the storage with the experiment state, in the
+    background. When a trial fails and is retried, Tune first replaces the driver's copy with the one in
+    the storage (Ray 2.60), which may lag a few epochs: those lines would be lost for good, while the
+    trial resumes after them from its checkpoint. So the driver's copy goes to the storage first."""
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        import pyarrow.fs
+        from pathlib import Path
+        local = Path(trial.local_path or "", "result.json")
+        if not local.is_file():
+            return
+        try:
+            pyarrow.fs.copy_files(str(local), f"{trial.storage.trial_fs_path}/result.json",
+                                  destination_filesystem=trial.storage.storage_filesystem)
+        except OSError:
+            pass  # storage unreachable: Tune's own copy is all there is
+
+
 class FollowStorage:
     """A mixin for Tune schedulers, which see every trial as it is added: the trial's storage is set to
     where the experiment is now. Tune restores its searcher with the experiment spec as saved, so after

@@ -98,7 +98,7 @@ def prepare_study_weights(study: StudyConfig) -> None:
 
 def build_tuner(study: StudyConfig, banks: dict, exp: str, resume: bool, progress=None):
     from ray import tune
-    from tune.checkpoints import CheckpointPruner, RestoreGuard, follow, following_scheduler
+    from tune.checkpoints import CheckpointPruner, KeepResultsOnRetry, RestoreGuard, follow, following_scheduler
     from tune.record import OptunaRecorder
     from tune.study import param_space
 
@@ -111,7 +111,7 @@ def build_tuner(study: StudyConfig, banks: dict, exp: str, resume: bool, progres
     # in this order. On resume they are made afresh for where the experiment is now (it may have moved)
     # and replace the copies pickled with the experiment; Tune then gives them their saved state.
     callbacks = [RestoreGuard(resume), CheckpointPruner(exp), OptunaRecorder(exp, study)]
-    callbacks += [progress] if progress is not None else []
+    callbacks += [KeepResultsOnRetry()] + ([progress] if progress is not None else [])
     if resume:
         tuner = tune.Tuner.restore(exp, trainable=trainable, resume_unfinished=True, resume_errored=True)
         internal = tuner._local_tuner  # no public way to replace them
