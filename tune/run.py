@@ -83,10 +83,13 @@ def bank_plan(study: StudyConfig) -> dict[tuple, dict]:
 
 
 def preflight_study(study: StudyConfig) -> None:
-    """Data layout, backbone and weights names, shots: once per distinct bank, no model built."""
+    """Data layout, backbone and weights, shots: once per distinct bank, no model built; then every
+    trial's noise manifest against its dataset."""
     from rsnl.config import TrialConfig
-    for cfg in bank_plan(study).values():
-        preflight(TrialConfig.from_dict(cfg))
+    from rsnl.inputs import check_noise_file
+    datasets = {key: preflight(TrialConfig.from_dict(cfg)) for key, cfg in bank_plan(study).items()}
+    for cfg in study.validate_trials():
+        check_noise_file(cfg, datasets[bank_key(cfg)])
 
 
 def prepare_study_weights(study: StudyConfig) -> None:
@@ -188,17 +191,17 @@ def run_study(study: StudyConfig, address: str | None = None, resume: bool = Fal
     """Run (or resume) a study to the end; returns (ResultGrid, experiment path, feature stats).
 
     On resume, `study` is the stored one (rsnl.study.read_stored). `progress` is a Tune callback that
-    shows the study's progress (tune.progress.Progress), or None; `announce()` is called once this
-    driver holds the experiment and its storage is fine.
+    shows the study's progress (tune.progress.Progress), or None; `announce()` is called once every
+    check that needs no Ray has passed.
     """
     exp = study.experiment_path()
     with driver_lock(exp):
         check_storage(study, resume)
-        if announce is not None:
-            announce()
         preflight_study(study)
         if address is None:
             check_local_gpus(study.gpu)
+        if announce is not None:
+            announce()
         prepare_study_weights(study)
         ray_log = RayLog(storage.mirror_dir(exp, "logs") / LOG_FILE)
         try:
