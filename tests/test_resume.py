@@ -1,5 +1,6 @@
 """Resume and exit status of launch.py, as a user meets them: drivers killed at several moments, Ctrl-C
-and SIGTERM, a second driver, a failed restore, a moved folder, a study in an S3 bucket.
+and SIGTERM, a second driver, Tune's run state damaged (rebuilt from rsnl's record), an unreadable record,
+a moved folder, a study in an S3 bucket.
 
 Each test runs launch.py in its own process group with a Ray of its own (tiny digits studies on CPU).
 """
@@ -189,22 +190,83 @@ def test_sigterm_stops_honestly_a_second_driver_is_refused_and_resume_completes(
     assert all(t.state.name == "COMPLETE" and sorted(t.intermediate_values) == list(range(epochs)) for t in trials)
 
 
-def test_a_failed_restore_is_one_line_and_reruns_nothing(tmp_path, env, study_cache):
+# --- Tune's run state damaged: rebuilt from rsnl's record (tune/resume.py) ---------------------------
+
+def trial_results(exp: Path) -> dict[str, bytes]:
+    return {d.name: (d / "result.json").read_bytes() for d in exp.iterdir() if (d / "result.json").is_file()}
+
+
+def test_a_finished_study_with_a_damaged_run_state_resumes_to_its_summary_and_reruns_nothing(
+        ray_session, tmp_path, study_cache):
+    from rsnl.study import read_stored
+    from studies import run
+    from tune.run import run_study
     values = grid_study(tmp_path / "st", study_cache, name="broken", epochs=2)
     values["search"]["params"] = {"noise_rate": {"grid": [0.5]}, "seed": {"grid": [1]}}
-    (tmp_path / "study.yaml").write_text(yaml.safe_dump(values))
-    p = launch(["--config", str(tmp_path / "study.yaml")], env, tmp_path)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    run(values)
     exp = tmp_path / "st" / "broken"
-    before = {d.name: (d / "result.json").read_bytes() for d in exp.iterdir() if (d / "result.json").is_file()}
+    before = trial_results(exp)
     for state in exp.glob("experiment_state-*.json"):
         state.write_text('{"trial_data": [')  # cut off mid-write
-    p = launch(["--resume", "--name", "broken", "--storage", str(tmp_path / "st")], env, tmp_path)
-    assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
-    err = p.stderr.strip().splitlines()
-    assert len(err) == 1 and "Tune could not restore the run state" in err[0], p.stderr
-    after = {d.name: (d / "result.json").read_bytes() for d in exp.iterdir() if (d / "result.json").is_file()}
-    assert after == before, "no trial ran again and no new one started"
+    said = []
+    results, _, _ = run_study(read_stored(str(exp)), resume=True, log=said.append)
+    assert results is None and said == ["[rsnl] every trial of the study has finished; nothing to run"]
+    assert trial_results(exp) == before, "no trial ran again and no new one started"
+
+
+def test_a_partial_run_state_is_rebuilt_from_the_record_without_running_a_finished_trial(
+        ray_session, tmp_path, study_cache):
+    """One trial finished, one failed; Tune's experiment state is cut off mid-write. The resume keeps the
+    finished trial as it is and runs the other grid point again, as a new trial."""
+    from faults import fail_once_at
+    from rsnl.study import read_stored
+    from studies import run
+    from tune.record import tally
+    from tune.run import run_study
+    values = grid_study(tmp_path / "st", study_cache, name="partial", epochs=2)
+    values["search"]["params"] = {"noise_rate": {"grid": [0.5]}, "seed": {"grid": [1]}}
+    values["max_failures"] = 0
+    with fail_once_at(1, tmp_path / "fault"):
+        run(values)
+    exp = tmp_path / "st" / "partial"
+    done = next(t for t in record(exp, "partial") if t.state.name == "COMPLETE")
+    failed = next(t for t in record(exp, "partial") if t.state.name == "FAIL")
+    kept = (exp / done.user_attrs["trial_folder"] / "result.json").read_bytes()
+    state = sorted(exp.glob("experiment_state-*.json"))[-1]
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    said = []
+    study = read_stored(str(exp))
+    run_study(study, resume=True, log=said.append)
+    assert ("[rsnl] Tune's run state is partial (the driver was stopped while Tune saved it); rebuilt from the "
+            "study's record: 1 finished trial(s) kept, 1 to run from their first epoch") in said, said
+    trials = record(exp, "partial")
+    assert len(trials) == 2 and all(t.state.name == "COMPLETE" for t in trials)
+    assert {t.params["variant"] for t in trials} == {"coop", "rsnl-m2"}
+    assert (exp / done.user_attrs["trial_folder"] / "result.json").read_bytes() == kept, "the finished trial stays"
+    assert not (exp / failed.user_attrs["trial_folder"]).exists()
+    folders = sorted(d.name for d in exp.iterdir() if (d / "params.json").is_file())
+    assert folders == sorted(t.user_attrs["trial_folder"] for t in trials), "one folder per grid point"
+    again = next(t for t in trials if t.params["variant"] == failed.params["variant"])
+    assert [r["epoch"] for r in results_of(exp / again.user_attrs["trial_folder"])] == [0, 1]
+    assert sorted(again.intermediate_values) == [0, 1]
+    outcome = tally(str(exp), study)
+    assert (outcome.finished, outcome.failed, outcome.unfinished) == (2, 0, 0)
+
+
+def test_an_unreadable_record_refuses_the_resume_in_one_line_before_ray(tmp_path, capsys):
+    import ray
+
+    import launch
+    from rsnl.study import parse_study, write_stored
+    study = parse_study(grid_study(tmp_path / "st", tmp_path / "cache", name="norecord"))
+    write_stored(study)
+    (tmp_path / "st" / "norecord" / "optuna.db").write_bytes(b"not a database" * 100)
+    was_up = ray.is_initialized()
+    code = launch.main(["--resume", "--name", "norecord", "--storage", str(tmp_path / "st")])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "", out
+    assert len(err.splitlines()) == 1 and "optuna.db: cannot be read" in err and "another --name" in err, err
+    assert ray.is_initialized() == was_up
 
 
 def test_interrupt_before_the_study_file_exists_gives_no_resume_hint(tmp_path, env, study_cache):

@@ -6,6 +6,7 @@ stored files, names, metrics) is rsnl.study; this package runs it.
   resources    joining Ray, GPU fail-fast, Ray's logs to a file, SIGTERM as Ctrl-C
   record       optuna.db: every finished trial, for optuna-dashboard, the report and the exit status
   checkpoints  resume after a kill at any moment: pruning, a failed restore, a moved experiment
+  resume       how a resume goes on: Tune's saved state where whole, else rebuilt from rsnl's record
   progress     the console: one progress line and rsnl's own lines
   run          run or resume a study (launch.py's driver), one driver per experiment
 

@@ -99,36 +99,53 @@ def prepare_study_weights(study: StudyConfig) -> None:
         prepare_weights(TrialConfig.from_dict(cfg))
 
 
-def build_tuner(study: StudyConfig, banks: dict, exp: str, resume: bool, progress=None):
+def build_tuner(study: StudyConfig, banks: dict, exp: str, plan=None, progress=None):
+    """A Tuner for a new study, or as `plan` says for a resume (tune.resume.Plan: restore or rebuild)."""
     from ray import tune
-    from tune.checkpoints import CheckpointPruner, RestoreGuard, follow, following_scheduler
+    from tune.checkpoints import CheckpointPruner, RestoreGuard, follow
     from tune.record import OptunaRecorder
-    from tune.study import param_space
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no status tables, no banners
     import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # OptunaSearch's "A new study created" line
     trainable = tune.with_resources(tune.with_parameters(train_trial, study=study, banks=banks),
                                     {"cpu": study.cpu, "gpu": study.gpu})
+    restore = plan is not None and plan.kind == "restore"
     # Tune matches saved callback states to callbacks by position: the stateful ones come first, always
     # in this order. On resume they are made afresh for where the experiment is now (it may have moved)
     # and replace the copies pickled with the experiment; Tune then gives them their saved state.
-    callbacks = [RestoreGuard(resume), CheckpointPruner(exp), OptunaRecorder(exp, study)]
+    callbacks = [RestoreGuard(restore), CheckpointPruner(exp), OptunaRecorder(exp, study)]
     callbacks += [progress] if progress is not None else []
-    if resume:
-        tuner = tune.Tuner.restore(exp, trainable=trainable, resume_unfinished=True, resume_errored=True)
-        internal = tuner._local_tuner  # no public way to replace them
-        internal.get_run_config().callbacks = callbacks
-        follow(internal._tune_config.scheduler, study.storage_path())
-        return tuner
+    if not restore:
+        return new_tuner(study, trainable, callbacks, plan)
+    new_tuner(study, trainable, callbacks)  # writes tuner.pkl afresh from the study: a kill may have cut Tune's
+    tuner = tune.Tuner.restore(exp, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    internal = tuner._local_tuner  # no public way to replace them
+    internal.get_run_config().callbacks = callbacks
+    follow(internal._tune_config.scheduler, study.storage_path())
+    return tuner
 
+
+def new_tuner(study: StudyConfig, trainable, callbacks: list, plan=None):
+    """A Tuner for every trial of the study, or for what a rebuilt resume has left to run."""
+    from ray import tune
+    from tune.checkpoints import following_scheduler
+    from tune.resume import rebuilt_search
+    from tune.study import param_space
+
+    space = param_space(study)
+    num_samples = study.num_samples if study.kind != "grid" else 1
     search_alg = None
-    if study.kind == "optuna":
+    if plan is not None and plan.kind == "rebuild":
+        search_alg, num_samples = rebuilt_search(plan, study)
+        if plan.points is not None:
+            space = {}  # the searcher hands out whole grid points
+    elif study.kind == "optuna":
         from ray.tune.search.optuna import OptunaSearch
         search_alg = OptunaSearch(seed=study.search_seed)
-        if study.max_concurrent:
-            from ray.tune.search import ConcurrencyLimiter
-            search_alg = ConcurrencyLimiter(search_alg, max_concurrent=study.max_concurrent)
+    if study.kind == "optuna" and study.max_concurrent:
+        from ray.tune.search import ConcurrencyLimiter
+        search_alg = ConcurrencyLimiter(search_alg, max_concurrent=study.max_concurrent)
     epochs = study.trial_configs(study.corner_overrides()[0])[0][1].epochs
     scheduler = following_scheduler(study.asha, epochs, study.storage_path())
 
@@ -137,10 +154,10 @@ def build_tuner(study: StudyConfig, banks: dict, exp: str, resume: bool, progres
 
     return tune.Tuner(
         trainable,
-        param_space=param_space(study),
+        param_space=space,
         tune_config=tune.TuneConfig(
             metric=study.metric, mode=study.mode, search_alg=search_alg, scheduler=scheduler,
-            num_samples=study.num_samples if study.kind != "grid" else 1,
+            num_samples=num_samples,
             max_concurrent_trials=(study.max_concurrent or None) if study.kind != "optuna" else None,
             reuse_actors=study.reuse_actors, trial_name_creator=name, trial_dirname_creator=name),
         run_config=tune.RunConfig(
@@ -188,20 +205,31 @@ def compute_banks(study: StudyConfig, log=print) -> tuple[dict, dict]:
 
 def run_study(study: StudyConfig, address: str | None = None, resume: bool = False, log=print, progress=None,
               announce=None):
-    """Run (or resume) a study to the end; returns (ResultGrid, experiment path, feature stats).
+    """Run (or resume) a study to the end; returns (ResultGrid or None, experiment path, feature stats).
 
-    On resume, `study` is the stored one (rsnl.study.read_stored). `progress` is a Tune callback that
-    shows the study's progress (tune.progress.Progress), or None; `announce()` is called once every
-    check that needs no Ray has passed.
+    On resume, `study` is the stored one (rsnl.study.read_stored), and tune.resume decides how it
+    continues. `progress` is a Tune callback that shows the study's progress (tune.progress.Progress),
+    or None; `announce()` is called once every check that needs no Ray has passed.
     """
+    from tune.checkpoints import RestoreFailed, prune
+    from tune.resume import plan_resume, prepare, rebuild_plan
+
     exp = study.experiment_path()
     with driver_lock(exp):
         check_storage(study, resume)
-        preflight_study(study)
-        if address is None:
-            check_local_gpus(study.gpu)
+        plan = plan_resume(exp, study) if resume else None
+        if plan is None or plan.kind != "done":
+            preflight_study(study)
+            if address is None:
+                check_local_gpus(study.gpu)
         if announce is not None:
             announce()
+        if plan is not None and plan.line():
+            log(plan.line())
+        if plan is not None and plan.kind == "done":
+            write_stored(study)  # its storage is where the study is now (it may have moved)
+            prune(exp)
+            return None, exp, {}
         prepare_study_weights(study)
         ray_log = RayLog(storage.mirror_dir(exp, "logs") / LOG_FILE)
         try:
@@ -214,56 +242,47 @@ def run_study(study: StudyConfig, address: str | None = None, resume: bool = Fal
             write_stored(study)  # on resume too: its storage is where the study is now (it may have moved)
             if not storage.is_uri(exp):
                 ray_log.move_to(Path(exp) / LOG_FILE)
-            if resume and not tune_state_saved(exp, study):
-                log("[rsnl] the interrupted run had saved no Tune state yet; its trials start from the beginning")
-                resume = False
-            tuner = build_tuner(study, banks, exp, resume, progress)
-            results = fit(tuner, exp)
+            if plan is not None:
+                prepare(plan, exp, study)
+            try:
+                results = fit(build_tuner(study, banks, exp, plan, progress))
+            except RestoreFailed:
+                logging.getLogger("rsnl.run").exception("Tune could not restore its run state")
+                plan = rebuild_plan(exp, study, f"unreadable to Tune (details in {log_location(exp)})")
+                log(plan.line())
+                prepare(plan, exp, study)
+                results = fit(build_tuner(study, banks, exp, plan, progress))
         finally:
             ray_log.close()
             if storage.is_uri(exp) and ray_log.path.is_file():
                 with contextlib.suppress(OSError):
                     storage.write_bytes(storage.join(exp, LOG_FILE), ray_log.path.read_bytes())
-        from tune.checkpoints import prune as prune_checkpoints
-        prune_checkpoints(exp)  # the final state is in the storage now: two checkpoints per trial stay
+        prune(exp)  # the final state is in the storage now: two checkpoints per trial stay
     return results, exp, stats
 
 
-def tune_state_saved(exp: str, study: StudyConfig) -> bool:
-    """Whether Tune saved any run state to resume from. A driver killed within its first second may
-    not have: then no trial can have finished (the record says so), and the folders the killed run
-    began are removed so that the new start does not sit beside them."""
-    import pyarrow.fs
-    from ray import tune
-
-    from tune.record import tally
-    if tune.Tuner.can_restore(exp):
-        return True
-    recorded = tally(exp, study)
-    if recorded.finished or recorded.failed:
-        raise ConfigError(f"--resume: {exp} has finished trials but no Tune run state to continue from; "
-                          f"start the study again under another --name")
-    fs, path = storage.filesystem(exp)
-    for info in fs.get_file_info(pyarrow.fs.FileSelector(path)):
-        if info.type == pyarrow.fs.FileType.Directory:
-            fs.delete_dir(info.path)
-    return False
+def log_location(exp: str) -> str:
+    """Where the driver's log is to be read: in the experiment, or its local copy for a URI (uploaded
+    when the driver ends)."""
+    if storage.is_uri(exp):
+        return str(storage.mirror_dir(exp, "logs") / LOG_FILE)
+    return storage.join(exp, LOG_FILE)
 
 
-def fit(tuner, exp: str):
-    """tuner.fit(), with a failed restore as one line (Tune would otherwise start every trial again)."""
+def fit(tuner):
+    """tuner.fit(); a failed restore comes out as tune.checkpoints.RestoreFailed, whatever Tune wrapped
+    it in."""
     from tune.checkpoints import RestoreFailed
     start = time.perf_counter()
     try:
         results = tuner.fit()
-        logging.getLogger("rsnl.run").info(f"tuning loop: {time.perf_counter() - start:.1f} s (Tune's fit, "
-                                           f"without Ray's start, the feature task and shutdown)")
-        return results
     except Exception as e:
         cause = e
         while cause is not None and not isinstance(cause, RestoreFailed):
             cause = cause.__cause__ or cause.__context__
         if cause is None:
             raise
-        raise ConfigError(f"--resume: Tune could not restore the run state stored at {exp} (details in {LOG_FILE}); "
-                          f"nothing was run again; the finished trials and their files are kept") from None
+        raise cause from None
+    logging.getLogger("rsnl.run").info(f"tuning loop: {time.perf_counter() - start:.1f} s (Tune's fit, "
+                                       f"without Ray's start, the feature task and shutdown)")
+    return results
