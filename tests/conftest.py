@@ -113,6 +113,17 @@ def ray_env(tmp_path_factory):
     return env
 
 
+@pytest.fixture
+def env(ray_env):
+    """The environment of a launch.py run with a Ray of its own (short RAY_TMPDIR: Ray's unix socket paths
+    stay under 107 bytes)."""
+    import shutil
+    import tempfile
+    path = tempfile.mkdtemp(prefix="rsnl-ray-", dir="/tmp")
+    yield {**os.environ, **ray_env, "RAY_TMPDIR": path}
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def ray_session(ray_env):
     """One local Ray for the whole test session (2 CPUs), shut down at the end."""

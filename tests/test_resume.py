@@ -1,69 +1,21 @@
-"""Resume and exit status of launch.py, as a user meets them: drivers killed at several moments, Ctrl-C
-and SIGTERM, a second driver, Tune's run state damaged (rebuilt from rsnl's record), an unreadable record,
-a moved folder, a study in an S3 bucket.
+"""Resume as a user meets it: drivers killed at several moments, Tune's run state damaged (rebuilt from
+rsnl's record), an unreadable record, a moved folder, a study in an S3 bucket. Stops by signal, and a
+second driver, are in test_signals.py.
 
 Each test runs launch.py in its own process group with a Ray of its own (tiny digits studies on CPU).
 """
 
-import json
 import os
 import shutil
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from drivers import LAUNCH, checkpoints, launch, record, results_of, wait_for
 from studies import grid_study, optuna_study
-
-REPO = Path(__file__).resolve().parents[1]
-LAUNCH = [sys.executable, str(REPO / "launch.py")]
-
-
-def wait_for(predicate, timeout: float, every: float = 0.05) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(every)
-    return False
-
-
-def results_of(trial_dir: Path) -> list[dict]:
-    path = trial_dir / "result.json"
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            pass
-    return out
-
-
-def checkpoints(exp: Path) -> dict[str, list[int]]:
-    """{trial folder: sorted checkpoint indices} as the workers wrote them to the storage."""
-    dirs = [d for d in exp.iterdir() if d.is_dir()] if exp.is_dir() else []
-    return {d.name: sorted(int(c.name.split("_")[1]) for c in d.glob("checkpoint_*")) for d in dirs}
-
-
-def record(exp: Path, name: str):
-    import optuna
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return optuna.load_study(study_name=name, storage=f"sqlite:///{exp / 'optuna.db'}").get_trials()
-
-
-@pytest.fixture
-def env(ray_env):
-    """A Ray of its own per driver (short RAY_TMPDIR: unix socket paths stay under 107 bytes)."""
-    import tempfile
-    path = tempfile.mkdtemp(prefix="rsnl-ray-", dir="/tmp")
-    yield {**os.environ, **ray_env, "RAY_TMPDIR": path}
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def start(args, env, cwd, log: Path):
@@ -78,10 +30,6 @@ def kill(driver) -> None:
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
     driver.log.close()
-
-
-def launch(args, env, cwd, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run(LAUNCH + args, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
 def test_driver_killed_at_several_moments_then_resumed_runs_every_trial_once(tmp_path, env, study_cache):
@@ -154,40 +102,6 @@ def test_driver_killed_at_several_moments_then_resumed_runs_every_trial_once(tmp
         assert t.value == pytest.approx(rows[-1]["val_acc"])
     for folder, content in finished.items():
         assert (exp / folder / "result.json").read_bytes() == content, "a finished trial was not run again"
-
-
-def test_sigterm_stops_honestly_a_second_driver_is_refused_and_resume_completes(tmp_path, env, study_cache):
-    epochs = 300  # long enough for two more drivers to start while it runs
-    values = grid_study(tmp_path / "st", study_cache, name="term", epochs=epochs)
-    values["search"]["params"] = {"noise_rate": {"grid": [0.5]}, "seed": {"grid": [1, 2]}}  # 4 trials
-    (tmp_path / "study.yaml").write_text(yaml.safe_dump(values))
-    exp = tmp_path / "st" / "term"
-    resume = ["--resume", "--name", "term", "--storage", str(tmp_path / "st")]
-    d = subprocess.Popen(LAUNCH + ["--config", str(tmp_path / "study.yaml")], env=env, cwd=tmp_path,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        assert wait_for(lambda: any(checkpoints(exp).values()), timeout=300), "the study started"
-        for args in (resume, ["--config", str(tmp_path / "study.yaml")]):  # while it runs
-            p = launch(args, env, tmp_path, timeout=120)
-            assert p.returncode == 2 and p.stdout == "", p.stderr
-            assert "another launch.py is running this study" in p.stderr and len(p.stderr.splitlines()) == 1
-        d.send_signal(signal.SIGTERM)  # the driver only, as `kill PID` or a batch scheduler would
-        out, err = d.communicate(timeout=300)
-    finally:
-        if d.poll() is None:
-            os.killpg(d.pid, signal.SIGKILL)
-    assert d.returncode == 130, out + err
-    summary = [x for x in out.splitlines() if "trial(s) finished" in x]
-    assert summary and "of 4 trial(s) finished, 0 failed" in summary[0] and "unfinished" in summary[0], out
-    assert f"continue with: python launch.py --resume --name term --storage {tmp_path / 'st'}" in err
-    assert not any(t.state.name == "COMPLETE" and t.user_attrs["epochs_done"] < epochs for t in record(exp, "term"))
-
-    p = launch(resume, env, tmp_path)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert "[rsnl] 4 of 4 trial(s) finished, 0 failed" in p.stdout
-    trials = record(exp, "term")
-    assert len(trials) == 4
-    assert all(t.state.name == "COMPLETE" and sorted(t.intermediate_values) == list(range(epochs)) for t in trials)
 
 
 # --- Tune's run state damaged: rebuilt from rsnl's record (tune/resume.py) ---------------------------
@@ -267,24 +181,6 @@ def test_an_unreadable_record_refuses_the_resume_in_one_line_before_ray(tmp_path
     assert code == 2 and out == "", out
     assert len(err.splitlines()) == 1 and "optuna.db: cannot be read" in err and "another --name" in err, err
     assert ray.is_initialized() == was_up
-
-
-def test_interrupt_before_the_study_file_exists_gives_no_resume_hint(tmp_path, env, study_cache):
-    values = grid_study(tmp_path / "st", study_cache / "fresh", name="early", epochs=2)  # features to compute
-    (tmp_path / "study.yaml").write_text(yaml.safe_dump(values))
-    d = subprocess.Popen(LAUNCH + ["--config", str(tmp_path / "study.yaml")], env=env, cwd=tmp_path,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        time.sleep(3)  # past the checks, before the features are done
-        assert not (tmp_path / "st" / "early" / "rsnl_study.yaml").exists()
-        d.send_signal(signal.SIGINT)
-        out, err = d.communicate(timeout=120)
-    finally:
-        if d.poll() is None:
-            os.killpg(d.pid, signal.SIGKILL)
-    assert d.returncode == 130, out + err
-    assert "interrupted before the study started; nothing to resume" in err and "--resume" not in err, err
-    assert "Traceback" not in err
 
 
 # --- a study in an S3 bucket -------------------------------------------------------------------------

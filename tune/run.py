@@ -1,9 +1,11 @@
 """Run or resume a study on Ray Tune: the driver side of launch.py.
 
 Order matters: one driver per experiment (a lock that dies with its holder); everything that can be
-checked without a cluster is checked before Ray starts; the image features of each (dataset, backbone)
-are computed by one Ray task and shared through the object store; the study file is written; then Tune
-runs the trials, and nothing finished is ever run twice on resume. Ray's and Tune's logs go to
+checked without a cluster is checked before the first console line and before Ray starts, and a resume
+decides there how it goes on (tune.resume: Tune's saved state, or a rebuild from rsnl's record); the
+image features of each (dataset, backbone) are computed by one Ray task and shared through the object
+store; the study file is written; then Tune runs the trials, and nothing finished is ever run twice on
+resume. SIGTERM and Ctrl-C stop it cleanly in every phase (tune.stopping). Ray's and Tune's logs go to
 rsnl_driver.log in the experiment; the console gets rsnl's lines and one progress line.
 """
 
@@ -16,15 +18,26 @@ import socket
 import time
 from pathlib import Path
 
+from ray import tune
+
 from rsnl import storage
 from rsnl.errors import ConfigError
 from rsnl.files import locked, probe_writable
 from rsnl.inputs import preflight, prepare_weights
 from rsnl.study import STUDY_FILE, StudyConfig, missing_study, trial_folder_name, write_stored
-from tune.resources import RayLog, check_cluster_gpus, check_local_gpus, init_ray, sigterm_as_sigint
+from tune.resources import RayLog, check_cluster_gpus, check_local_gpus, init_ray
+from tune.stopping import STOP
 from tune.trainable import bank_key, compute_bank, train_trial
 
 LOG_FILE = "rsnl_driver.log"
+
+
+class StopCallback(tune.Callback):
+    """Hands a stop request to Tune's loop once the loop has its handler (a signal may come while Tune
+    sets up, before it has one)."""
+
+    def on_step_begin(self, iteration, trials, **info):
+        STOP.deliver()
 
 
 def check_storage(study: StudyConfig, resume: bool) -> None:
@@ -101,7 +114,6 @@ def prepare_study_weights(study: StudyConfig) -> None:
 
 def build_tuner(study: StudyConfig, banks: dict, exp: str, plan=None, progress=None):
     """A Tuner for a new study, or as `plan` says for a resume (tune.resume.Plan: restore or rebuild)."""
-    from ray import tune
     from tune.checkpoints import CheckpointPruner, RestoreGuard, follow
     from tune.record import OptunaRecorder
 
@@ -116,6 +128,7 @@ def build_tuner(study: StudyConfig, banks: dict, exp: str, plan=None, progress=N
     # and replace the copies pickled with the experiment; Tune then gives them their saved state.
     callbacks = [RestoreGuard(restore), CheckpointPruner(exp), OptunaRecorder(exp, study)]
     callbacks += [progress] if progress is not None else []
+    callbacks.append(StopCallback())
     if not restore:
         return new_tuner(study, trainable, callbacks, plan)
     new_tuner(study, trainable, callbacks)  # writes tuner.pkl afresh from the study: a kill may have cut Tune's
@@ -128,7 +141,6 @@ def build_tuner(study: StudyConfig, banks: dict, exp: str, plan=None, progress=N
 
 def new_tuner(study: StudyConfig, trainable, callbacks: list, plan=None):
     """A Tuner for every trial of the study, or for what a rebuilt resume has left to run."""
-    from ray import tune
     from tune.checkpoints import following_scheduler
     from tune.resume import rebuilt_search
     from tune.study import param_space
@@ -180,15 +192,20 @@ def compute_banks(study: StudyConfig, log=print) -> tuple[dict, dict]:
         refs[key], stats_refs[key] = task.remote(cfg)
     t0 = time.perf_counter()
     stats, failures = {}, []
-    for key, ref in stats_refs.items():
-        try:
-            stats[key] = ray.get(ref)
-        except ray.exceptions.RayTaskError as e:
-            # The task's other output failed too: fetch it, or Ray logs it as an unhandled error whenever
-            # the reference is collected (later, into whatever stream is open then).
-            with contextlib.suppress(ray.exceptions.RayTaskError):
-                ray.get(refs[key])
-            failures.append(e)
+    with STOP.waiting_phase():  # a stop request is answered between waits, not inside ray.get
+        pending = list(stats_refs.values())
+        while pending:
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.2)
+            STOP.check()
+        for key, ref in stats_refs.items():
+            try:
+                stats[key] = ray.get(ref)
+            except ray.exceptions.RayTaskError as e:
+                # The task's other output failed too: fetch it, or Ray logs it as an unhandled error whenever
+                # the reference is collected (later, into whatever stream is open then).
+                with contextlib.suppress(ray.exceptions.RayTaskError):
+                    ray.get(refs[key])
+                failures.append(e)
     if failures:
         # A bad image or missing weights found while computing features: the user's one line, not a traceback.
         from rsnl.errors import USER_ERRORS
@@ -232,32 +249,40 @@ def run_study(study: StudyConfig, address: str | None = None, resume: bool = Fal
             return None, exp, {}
         prepare_study_weights(study)
         ray_log = RayLog(storage.mirror_dir(exp, "logs") / LOG_FILE)
+        started = False
         try:
-            init_ray(address, configure_logging=False)
-            ray_log.attach()
-            sigterm_as_sigint()
+            with STOP.ray_start():
+                started = init_ray(address, configure_logging=False) is not None
+                ray_log.attach()
             if address is not None:
                 check_cluster_gpus(study.gpu)
             banks, stats = compute_banks(study, log)
+            STOP.check()
             write_stored(study)  # on resume too: its storage is where the study is now (it may have moved)
             if not storage.is_uri(exp):
                 ray_log.move_to(Path(exp) / LOG_FILE)
             if plan is not None:
                 prepare(plan, exp, study)
             try:
-                results = fit(build_tuner(study, banks, exp, plan, progress))
+                with STOP.tuning():
+                    results = fit(build_tuner(study, banks, exp, plan, progress))
             except RestoreFailed:
                 logging.getLogger("rsnl.run").exception("Tune could not restore its run state")
                 plan = rebuild_plan(exp, study, f"unreadable to Tune (details in {log_location(exp)})")
                 log(plan.line())
                 prepare(plan, exp, study)
-                results = fit(build_tuner(study, banks, exp, plan, progress))
+                with STOP.tuning():
+                    results = fit(build_tuner(study, banks, exp, plan, progress))
+            prune(exp)  # the final state is in the storage now: two checkpoints per trial stay
         finally:
+            if started:  # here, not at exit: a stop request during the shutdown is still answered
+                import ray
+                with STOP.waiting_phase():
+                    ray.shutdown()
             ray_log.close()
             if storage.is_uri(exp) and ray_log.path.is_file():
                 with contextlib.suppress(OSError):
                     storage.write_bytes(storage.join(exp, LOG_FILE), ray_log.path.read_bytes())
-        prune(exp)  # the final state is in the storage now: two checkpoints per trial stay
     return results, exp, stats
 
 
