@@ -100,11 +100,11 @@ def dashboard_line(exp: str) -> str:
 
 def describe(study) -> str:
     from rsnl import storage
-    from tune.run import LOG_FILE
+    from tune.run import log_location
     exp = study.experiment_path()
     members = study.group_members
     group = f" x group of {len(members)}" if len(members) > 1 else ""
-    log = storage.join(exp, LOG_FILE) if not storage.is_uri(exp) else f"{LOG_FILE} in the experiment (at the end)"
+    log = log_location(exp) + (" (copied into the experiment when the driver ends)" if storage.is_uri(exp) else "")
     return "\n".join([
         f"[rsnl] study {study.name}: {study.kind} search, {study.num_trials()} trial(s){group}, "
         f"objective {study.metric} ({study.mode}), {study.cpu:g} CPU + {study.gpu:g} GPU per trial",

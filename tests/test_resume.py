@@ -1,8 +1,8 @@
-"""Resume as a user meets it: drivers killed at several moments, Tune's run state damaged (rebuilt from
-rsnl's record), an unreadable record, a moved folder, a study in an S3 bucket. Stops by signal, and a
-second driver, are in test_signals.py.
+"""Resume as a user meets it: an Optuna search killed at several moments and resumed from a moved folder,
+Tune's run state damaged (rebuilt from rsnl's record), an unreadable record, a trial that failed and then
+completes. Stops by signal are in test_signals.py, the kill sweep over a study's life in test_kill_sweep.py.
 
-Each test runs launch.py in its own process group with a Ray of its own (tiny digits studies on CPU).
+The CLI tests run launch.py in its own process group with a Ray of its own (tiny digits studies on CPU).
 """
 
 import os
@@ -181,59 +181,6 @@ def test_an_unreadable_record_refuses_the_resume_in_one_line_before_ray(tmp_path
     assert code == 2 and out == "", out
     assert len(err.splitlines()) == 1 and "optuna.db: cannot be read" in err and "another --name" in err, err
     assert ray.is_initialized() == was_up
-
-
-# --- a study in an S3 bucket -------------------------------------------------------------------------
-
-@pytest.fixture
-def s3(monkeypatch):
-    """An S3-compatible server (moto) on 127.0.0.1 with an empty bucket; yields the storage URI."""
-    moto_server = pytest.importorskip("moto.server")
-    creds = {"AWS_ACCESS_KEY_ID": "rsnl-test", "AWS_SECRET_ACCESS_KEY": "rsnl-test", "AWS_DEFAULT_REGION": "us-east-1"}
-    for k, v in creds.items():
-        monkeypatch.setenv(k, v)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    import boto3
-    boto3.client("s3", endpoint_url=f"http://{host}:{port}").create_bucket(Bucket="rsnl")
-    yield f"s3://rsnl/studies?endpoint_override={host}:{port}&scheme=http&region=us-east-1"
-    server.stop()
-
-
-def test_study_in_s3_killed_resumed_and_reported(tmp_path, env, study_cache, s3):
-    import boto3
-    from urllib.parse import parse_qs
-    query = parse_qs(s3.split("?", 1)[1])
-    client = boto3.client("s3", endpoint_url=f"http://{query['endpoint_override'][0]}")
-
-    def keys():
-        return [o["Key"] for o in client.list_objects_v2(Bucket="rsnl", Prefix="studies/s3q/").get("Contents", [])]
-
-    values = grid_study(tmp_path / "unused", study_cache, name="s3q", epochs=12)
-    values["search"]["params"] = {"noise_rate": {"grid": [0.5]}, "seed": {"grid": [1]}}  # 2 trials
-    values["storage"] = s3
-    (tmp_path / "study.yaml").write_text(yaml.safe_dump(values))
-    env = {**env, **{k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}}
-    d = start(["--config", str(tmp_path / "study.yaml")], env, tmp_path, tmp_path / "run0.log")
-    caught = wait_for(lambda: any("/checkpoint_000003/" in k for k in keys()), timeout=300, every=0.1)
-    kill(d)
-    log = (tmp_path / "run0.log").read_text()
-    assert caught, log[-3000:]
-    assert f"[rsnl] results:     s3://rsnl/studies/s3q?{s3.split('?', 1)[1]}" in log, "the name goes before the query"
-
-    p = launch(["--resume", "--name", "s3q", "--storage", s3], env, tmp_path)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert "[rsnl] 2 of 2 trial(s) finished, 0 failed" in p.stdout
-    assert "studies/s3q/rsnl_study.yaml" in keys() and "studies/s3q/optuna.db" in keys()
-    assert "studies/s3q/rsnl_driver.log" in keys()
-
-    experiment = p.stdout.split("report: python launch.py report ", 1)[1].split()[0]
-    p = subprocess.run(LAUNCH + ["report", experiment], env=env, cwd=tmp_path, capture_output=True, text=True,
-                       timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
-    text = (tmp_path / "s3q-report" / "report.md").read_text()
-    assert "trials: 2 (2 TERMINATED)" in text, text[:1500]
 
 
 def test_a_trial_that_failed_then_completes_on_resume_is_recorded_complete(ray_session, tmp_path, study_cache):

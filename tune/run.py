@@ -6,7 +6,8 @@ decides there how it goes on (tune.resume: Tune's saved state, or a rebuild from
 image features of each (dataset, backbone) are computed by one Ray task and shared through the object
 store; the study file is written; then Tune runs the trials, and nothing finished is ever run twice on
 resume. SIGTERM and Ctrl-C stop it cleanly in every phase (tune.stopping). Ray's and Tune's logs go to
-rsnl_driver.log in the experiment; the console gets rsnl's lines and one progress line.
+rsnl_driver.log in the experiment, whatever the outcome; the console gets rsnl's lines and one progress
+line.
 """
 
 from __future__ import annotations
@@ -243,14 +244,14 @@ def run_study(study: StudyConfig, address: str | None = None, resume: bool = Fal
             announce()
         if plan is not None and plan.line():
             log(plan.line())
-        if plan is not None and plan.kind == "done":
-            write_stored(study)  # its storage is where the study is now (it may have moved)
-            prune(exp)
-            return None, exp, {}
-        prepare_study_weights(study)
         ray_log = RayLog(storage.mirror_dir(exp, "logs") / LOG_FILE)
         started = False
         try:
+            if plan is not None and plan.kind == "done":
+                write_stored(study)  # its storage is where the study is now (it may have moved)
+                prune(exp)
+                return None, exp, {}
+            prepare_study_weights(study)
             with STOP.ray_start():
                 started = init_ray(address, configure_logging=False) is not None
                 ray_log.attach()
@@ -279,11 +280,22 @@ def run_study(study: StudyConfig, address: str | None = None, resume: bool = Fal
                 import ray
                 with STOP.waiting_phase():
                     ray.shutdown()
-            ray_log.close()
-            if storage.is_uri(exp) and ray_log.path.is_file():
-                with contextlib.suppress(OSError):
-                    storage.write_bytes(storage.join(exp, LOG_FILE), ray_log.path.read_bytes())
+            keep_log(ray_log, exp)
     return results, exp, stats
+
+
+def keep_log(ray_log: RayLog, exp: str) -> None:
+    """The driver's log into the experiment whatever the outcome (where log_location says it is), once
+    the experiment exists: moved there on local storage, uploaded to a URI."""
+    if not storage.is_uri(exp):
+        if Path(exp).is_dir():
+            ray_log.move_to(Path(exp) / LOG_FILE)
+        ray_log.close()
+        return
+    ray_log.close()
+    with contextlib.suppress(OSError):
+        if ray_log.path.is_file() and storage.exists(storage.join(exp, STUDY_FILE)):
+            storage.write_bytes(storage.join(exp, LOG_FILE), ray_log.path.read_bytes())
 
 
 def log_location(exp: str) -> str:
