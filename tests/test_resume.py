@@ -167,6 +167,36 @@ def test_a_partial_run_state_is_rebuilt_from_the_record_without_running_a_finish
     assert (outcome.finished, outcome.failed, outcome.unfinished) == (2, 0, 0)
 
 
+def test_a_search_with_a_missing_run_state_is_rebuilt_with_the_sampler_told_the_finished_values(
+        ray_session, tmp_path, study_cache):
+    """An Optuna search: one trial finished, one failed, Tune's state gone. The rebuild keeps the finished
+    one and asks the sampler, told its value, for the one sample left."""
+    from faults import fail_once_at
+    from rsnl.study import read_stored
+    from studies import run
+    from tune.run import run_study
+    values = optuna_study(tmp_path / "st", study_cache, name="search", num_samples=2, epochs=2)
+    values["max_failures"] = 0
+    with fail_once_at(1, tmp_path / "fault"):
+        run(values)
+    exp = tmp_path / "st" / "search"
+    done = next(t for t in record(exp, "search") if t.state.name == "COMPLETE")
+    failed = next(t for t in record(exp, "search") if t.state.name == "FAIL")
+    kept = (exp / done.user_attrs["trial_folder"] / "result.json").read_bytes()
+    for state in exp.glob("experiment_state-*.json"):
+        state.unlink()
+    said = []
+    run_study(read_stored(str(exp)), resume=True, log=said.append)
+    assert ("[rsnl] Tune's run state is missing (the driver was stopped before Tune first saved it); rebuilt from "
+            "the study's record: 1 finished trial(s) kept, 1 to run from their first epoch") in said, said
+    trials = record(exp, "search")
+    assert len(trials) == 2 and all(t.state.name == "COMPLETE" for t in trials)
+    assert (exp / done.user_attrs["trial_folder"] / "result.json").read_bytes() == kept
+    assert not (exp / failed.user_attrs["trial_folder"]).exists()
+    folders = sorted(d.name for d in exp.iterdir() if (d / "params.json").is_file())
+    assert folders == sorted(t.user_attrs["trial_folder"] for t in trials), "one folder per trial"
+
+
 def test_an_unreadable_record_refuses_the_resume_in_one_line_before_ray(tmp_path, capsys):
     import ray
 

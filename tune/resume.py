@@ -35,7 +35,9 @@ from rsnl import storage
 from rsnl.study import StudyConfig, record_params
 from tune.record import keep_in_record, read_record
 
-TRIAL_FOLDER = re.compile(r"^[0-9a-f]{5}_\d{5}(_|$)")  # Tune's trial id starts every trial folder's name
+# Tune's trial id starts every trial folder's name: <5 hex>_<5 digits> from a grid or random search,
+# 8 hex from a searcher (Optuna, a rebuilt grid)
+TRIAL_FOLDER = re.compile(r"^([0-9a-f]{5}_\d{5}|[0-9a-f]{8})(_|$)")
 TUNE_FILE = re.compile(r"^((experiment_state|callback-states|basic-variant-state|search_gen_state|searcher-state)"
                        r"-.+|tuner\.pkl|\.validate_storage_marker)$")
 
