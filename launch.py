@@ -3,7 +3,7 @@
     python launch.py                                  # the DTD ablation (needs DTD and a GPU)
     python launch.py --preset quickstart              # offline, 2 CPU cores, ~2 minutes
     python launch.py --preset dtd-search --gpus-per-trial 0.25 --set data_root=/data
-    python launch.py --resume --name quickstart       # continue after Ctrl-C or a crash
+    python launch.py --resume --name quickstart       # continue after Ctrl-C, SIGTERM, a crash or a kill
     python launch.py presets                          # list the presets
     python launch.py report results/quickstart        # tables and plots of a study
 """
@@ -25,7 +25,10 @@ def run_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python launch.py", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run an rsnl study (Ray Tune) from a preset or a study YAML.",
-        epilog="other commands:\n  python launch.py presets                 list the presets\n"
+        epilog="Ctrl-C or SIGTERM stops a study in any phase (exit 130) and prints the --resume command; a second\n"
+               "one ends the driver at once. --resume continues from Tune's saved state, or rebuilds what is\n"
+               "missing from the study's record (docs/studies.md).\n\n"
+               "other commands:\n  python launch.py presets                 list the presets\n"
                "  python launch.py report EXPERIMENT_DIR   write report.md with tables and plots")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", help="a study in tune/configs (default: dtd-ablation)")
@@ -97,11 +100,11 @@ def dashboard_line(exp: str) -> str:
 
 def describe(study) -> str:
     from rsnl import storage
-    from tune.run import LOG_FILE
+    from tune.run import log_location
     exp = study.experiment_path()
     members = study.group_members
     group = f" x group of {len(members)}" if len(members) > 1 else ""
-    log = storage.join(exp, LOG_FILE) if not storage.is_uri(exp) else f"{LOG_FILE} in the experiment (at the end)"
+    log = log_location(exp) + (" (copied into the experiment when the driver ends)" if storage.is_uri(exp) else "")
     return "\n".join([
         f"[rsnl] study {study.name}: {study.kind} search, {study.num_trials()} trial(s){group}, "
         f"objective {study.metric} ({study.mode}), {study.cpu:g} CPU + {study.gpu:g} GPU per trial",
@@ -142,6 +145,14 @@ def resume_hint(study) -> str:
 
 
 def cmd_run(argv) -> int:
+    from tune.stopping import STOP
+    try:
+        return run(argv, STOP)
+    finally:
+        STOP.uninstall()  # the work is done: a later SIGTERM just ends the process
+
+
+def run(argv, stop) -> int:
     args = run_parser().parse_args(argv)
     if args.address is None:
         # Token authentication on, as Ray's default for a new local cluster, but stated: Ray then does not
@@ -149,9 +160,8 @@ def cmd_run(argv) -> int:
         os.environ.setdefault("RAY_AUTH_MODE", "token")
     errors = user_errors()
     study = None
+    stop.install(last_words=lambda: print("\n" + resume_hint(study), file=sys.stderr))
     try:
-        from tune.resources import sigterm_as_sigint
-        sigterm_as_sigint()
         study = load_from_args(args)
         from tune.progress import Progress
         from tune.record import tally
@@ -159,17 +169,19 @@ def cmd_run(argv) -> int:
         run_study(study, address=args.address, resume=args.resume, progress=Progress(study),
                   announce=lambda: print(describe(study), flush=True))
         outcome = tally(study.experiment_path(), study)
+        print(summarize(outcome, study), flush=True)
+        stop.waiting = True  # from here on a request is only counted: the summary is out, the end is near
+        if outcome.unfinished or stop.requests:  # a stop during Tune's loop paused the trials
+            print(resume_hint(study), file=sys.stderr)
+            return 130
+        return 1 if outcome.failed else 0
     except errors as e:
         print(f"launch.py: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        stop.waiting = True
         print("\n" + resume_hint(study), file=sys.stderr)
         return 130
-    print(summarize(outcome, study), flush=True)
-    if outcome.unfinished:
-        print(resume_hint(study), file=sys.stderr)
-        return 130
-    return 1 if outcome.failed else 0
 
 
 def cmd_presets(argv) -> int:

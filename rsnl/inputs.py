@@ -20,18 +20,28 @@ from rsnl.errors import ConfigError
 from rsnl.features import FeatureBank, build_feature_bank
 from rsnl.files import default_cache_dir, probe_writable
 from rsnl.manifest import manifest_text, read_manifest
-from rsnl.models import LoadedClip, check_backbone, load_clip
+from rsnl.models import LoadedClip, check_backbone, check_weights, load_clip
 from rsnl.noise import NoisySample, sample_noisy_fewshot
 
 
 def preflight(cfg: TrialConfig):
-    """Every check that needs no model: backbone/weights names, data layout, shots. Returns the dataset."""
+    """Every check that needs no model: backbone and weights (their names, and that they are here or can be
+    downloaded), data layout, shots, the noise manifest. Returns the dataset."""
     check_backbone(cfg.backbone, cfg.pretrained)
     check_cache_dir(cfg)
     dataset = load_dataset(cfg.dataset, cfg.data_root or os.environ.get("RSNL_DATA"), cfg.download)
     check_shots(dataset.train.labels, dataset.classnames, cfg.shots, dataset.train.name)
     check_shots(dataset.val.labels, dataset.classnames, cfg.val_shots or cfg.shots, dataset.val.name)
+    check_weights(cfg.backbone, cfg.pretrained)  # after the data: it may ask the network
+    check_noise_file(cfg, dataset)
     return dataset
+
+
+def check_noise_file(cfg: TrialConfig, dataset) -> None:
+    """The trial's noise manifest, if any, fits the dataset and the trial (before any model starts)."""
+    if cfg.noise_file is not None:
+        replay(cfg, {"train": dataset.train.ids, "val": dataset.val.ids},
+               {"train": dataset.train.labels, "val": dataset.val.labels}, dataset.classnames)
 
 
 def check_cache_dir(cfg: TrialConfig) -> None:
@@ -99,13 +109,28 @@ def draw_samples(cfg: TrialConfig, bank: FeatureBank) -> tuple[NoisySample, Nois
         return s, v
     if bank.train_ids is None or bank.val_ids is None:
         raise ConfigError("noise_file: this feature bank has no image ids to match a manifest against")
-    drawn = read_manifest(cfg.noise_file, {"train": bank.train_ids, "val": bank.val_ids},
-                          {"train": bank.train_labels, "val": bank.val_labels}, bank.classnames)
+    drawn = replay(cfg, {"train": bank.train_ids, "val": bank.val_ids},
+                   {"train": bank.train_labels, "val": bank.val_labels}, bank.classnames)
+    return drawn["train"], drawn["val"]
+
+
+def replay(cfg: TrialConfig, ids: dict, labels: dict, classnames) -> dict[str, NoisySample]:
+    """The samples cfg.noise_file names (rsnl.manifest.read_manifest), which must be the trial's draw in
+    all it records: its noise rate, and its shots. A draw keeps `shots` per class by the label it trains
+    with (ptnl) or by the true label (symmetric, pairflip, which relabel afterwards); the manifest's shots
+    are the most of any class, so that one from elsewhere may lack a class."""
+    drawn = read_manifest(cfg.noise_file, ids, labels, classnames)
     share = drawn["train"].noise_fraction
     if abs(share - cfg.noise_rate) > NOISE_RATE_TOLERANCE:
         raise ConfigError(f"noise_file: {cfg.noise_file} has {share:.1%} noisy training labels but the trial says "
                           f"noise_rate {cfg.noise_rate:g}; set noise_rate to the manifest's rate (reports group by it)")
-    return drawn["train"], drawn["val"]
+    for split, key, shots in (("train", "shots", cfg.shots), ("val", "val_shots", cfg.val_shots or cfg.shots)):
+        kept = drawn[split].labels if cfg.noise_type == "ptnl" else drawn[split].true_labels
+        most = int(np.bincount(kept, minlength=len(classnames)).max())
+        if most != shots:
+            raise ConfigError(f"noise_file: {cfg.noise_file} has {most} {split} images per class but the trial says "
+                              f"{key} {shots}; set {key} to the manifest's (reports group by it)")
+    return drawn
 
 
 def trial_data(cfg: TrialConfig, bank: FeatureBank) -> TrialData:

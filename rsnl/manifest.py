@@ -69,9 +69,14 @@ def read_manifest(path, ids: dict[str, list[str]], labels: dict[str, np.ndarray]
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
+        if "\0" in text:
+            raise UnicodeDecodeError("utf-8", b"\0", 0, 1, "NUL character")
+        rows = list(csv.reader(io.StringIO(text)))
     except OSError as e:
         raise DataError(f"noise_file: {path} cannot be read ({e.strerror or e})") from None
-    rows = list(csv.reader(io.StringIO(text)))
+    except (UnicodeDecodeError, csv.Error):  # a binary file: bytes that are not UTF-8, or NUL characters
+        raise DataError(f"noise_file: {path} is not a text file; a noise manifest is CSV text starting with the "
+                        f"header {','.join(HEADER)}") from None
     if not rows or [c.strip() for c in rows[0]] != HEADER:
         raise DataError(f"noise_file: {path} must start with the header {','.join(HEADER)}")
     index = {split: {image: i for i, image in enumerate(ids[split])} for split in SPLITS}

@@ -176,7 +176,15 @@ def _file_digest(path: str) -> str:
     return file_digest(path)[:16]
 
 
-def _resolve_tag(name: str, tag: str, cfg: dict) -> str:
+def check_weights(name: str, pretrained: str | None) -> None:
+    """A published tag's weights are in the local cache or can be downloaded: said before any model or Ray
+    starts. (Files are checked by check_backbone; the stand-in is built when missing.)"""
+    if pretrained is None or is_standin(name, pretrained) or is_weights_path(pretrained):
+        return
+    _resolve_tag(name, pretrained, open_clip.get_pretrained_cfg(name, pretrained), download=False)
+
+
+def _resolve_tag(name: str, tag: str, cfg: dict, download: bool = True) -> str | None:
     """The local file of a pretrained tag: from the caches if present, else downloaded if online."""
     from open_clip.pretrained import download_pretrained
     local = _cached_tag_file(cfg)
@@ -190,7 +198,7 @@ def _resolve_tag(name: str, tag: str, cfg: dict) -> str:
             f"({where}); download them on a machine with network (python -c \"import open_clip; "
             f"open_clip.create_model('{name}', pretrained='{tag}')\") and copy ~/.cache/huggingface, "
             f"or set pretrained: /path/to/checkpoint.pt")
-    return download_pretrained(cfg)
+    return download_pretrained(cfg) if download else None
 
 
 def _cached_tag_file(cfg: dict) -> str | None:

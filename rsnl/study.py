@@ -375,7 +375,10 @@ def write_stored(study: StudyConfig) -> str:
 
 
 def missing_study(experiment: str) -> str:
-    return f"no study to resume at {experiment} ({STUDY_FILE} missing); check --storage and --name"
+    """A driver stopped before it wrote the study file ran nothing yet: say so, and how it starts."""
+    return (f"no study to resume at {experiment} ({STUDY_FILE} missing): nothing of it has run yet if it was "
+            f"stopped while starting, and the same command without --resume starts it; else check --storage "
+            f"and --name")
 
 
 def read_stored(experiment: str, check: bool = True) -> StudyConfig:

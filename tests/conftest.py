@@ -113,6 +113,34 @@ def ray_env(tmp_path_factory):
     return env
 
 
+@pytest.fixture
+def env(ray_env):
+    """The environment of a launch.py run with a Ray of its own (short RAY_TMPDIR: Ray's unix socket paths
+    stay under 107 bytes)."""
+    import shutil
+    import tempfile
+    path = tempfile.mkdtemp(prefix="rsnl-ray-", dir="/tmp")
+    yield {**os.environ, **ray_env, "RAY_TMPDIR": path}
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """An S3-compatible server (moto) on 127.0.0.1 with an empty bucket `rsnl`; yields a storage URI in it.
+    The credentials it takes are in os.environ while it runs."""
+    moto_server = pytest.importorskip("moto.server")
+    creds = {"AWS_ACCESS_KEY_ID": "rsnl-test", "AWS_SECRET_ACCESS_KEY": "rsnl-test", "AWS_DEFAULT_REGION": "us-east-1"}
+    for k, v in creds.items():
+        monkeypatch.setenv(k, v)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    import boto3
+    boto3.client("s3", endpoint_url=f"http://{host}:{port}").create_bucket(Bucket="rsnl")
+    yield f"s3://rsnl/studies?endpoint_override={host}:{port}&scheme=http&region=us-east-1"
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def ray_session(ray_env):
     """One local Ray for the whole test session (2 CPUs), shut down at the end."""

@@ -104,14 +104,38 @@ def test_noise_rate_must_describe_the_manifest(written, digits_inputs):
         trial_data(cfg.replace(noise_file=str(path), noise_rate=0.25), bank)
 
 
+def test_shots_must_describe_the_manifest(written, digits_inputs):
+    """An 8-shot draw replayed by a trial that says 4 shots would train on 8 per class and be reported
+    under 4: refused, as a disagreeing noise rate is."""
+    _, _, path = written
+    cfg, _, bank = digits_inputs
+    with pytest.raises(ConfigError) as e:
+        trial_data(cfg.replace(noise_file=str(path), shots=4), bank)
+    assert str(e.value) == (f"noise_file: {path} has 8 train images per class but the trial says shots 4; set shots "
+                            f"to the manifest's (reports group by it)")
+    with pytest.raises(ConfigError, match="has 8 val images per class but the trial says val_shots 16"):
+        trial_data(cfg.replace(noise_file=str(path), val_shots=16), bank)
+
+
+def test_a_manifest_that_is_not_text_is_one_line(digits_inputs, tmp_path):
+    cfg, _, bank = digits_inputs
+    for content in (bytes(range(256)) * 8, b"split,image,label,true_label\ntrain,\x00,a,a\n"):
+        bad = tmp_path / "manifest.bin"
+        bad.write_bytes(content)
+        with pytest.raises(DataError) as e:
+            trial_data(cfg.replace(noise_file=str(bad)), bank)
+        assert str(e.value) == (f"noise_file: {bad} is not a text file; a noise manifest is CSV text starting "
+                                f"with the header split,image,label,true_label")
+
+
 def test_manifest_from_elsewhere_replays_on_both_dtd_layouts(coop_dtd_root, torchvision_dtd_root, tmp_path):
     """A file another codebase could write (CoOp impaths, class names) names the same images in CoOp's and
     torchvision's DTD layouts."""
     from rsnl.config import TrialConfig
     rows = [",".join(HEADER)]
-    rows += [f"train,{c}/{c}_{n:04d}.jpg,{label},{c}" for c, label in
-             (("banded", "banded"), ("blotchy", "banded"), ("braided", "braided"), ("bubbly", "bumpy"))
-             for n in (1, 2)]
+    rows += [f"train,{c}/{c}_{n:04d}.jpg,{label},{c}" for c, n, label in  # 2 per label, one of them noisy
+             (("banded", 1, "banded"), ("blotchy", 1, "banded"), ("braided", 1, "braided"), ("bubbly", 1, "braided"),
+              ("bumpy", 1, "bumpy"), ("banded", 2, "bumpy"), ("blotchy", 2, "blotchy"), ("braided", 2, "blotchy"))]
     rows += [f"val,{c}/{c}_{n:04d}.jpg,{c},{c}" for c in ("banded", "bumpy") for n in (17, 18)]
     manifest = tmp_path / "elsewhere.csv"
     manifest.write_text("\n".join(rows) + "\n")

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -153,20 +154,50 @@ BAD_INPUTS = [  # (study changes, extra command-line arguments, what the one lin
     ({}, ["--name", ".."], "--name: must be one folder name"),
     ({}, ["--name", "a/b"], "--name: must be one folder name"),
     ({"max_failures": -1}, [], "max_failures: -1 is out of range"),
+    ({"trial": {"backbone": "RN50", "pretrained": "openai"}}, [], "weights RN50/openai are not in the local cache"),
+    ({}, ["--storage", "s3://rsnl/st?endpoint_override=127.0.0.1:1&scheme=http&region=us-east-1"],
+     "storage: cannot reach s3://rsnl/st"),
+    ({"trial": {"noise_file": "BINARY"}}, [], "BINARY is not a text file"),
+    ({"trial": {"noise_file": "SIXTEEN_SHOTS", "noise_rate": 0.5}, "search": {"kind": "grid", "params": {}}}, [],
+     "SIXTEEN_SHOTS has 16 train images per class but the trial says shots 8"),
 ]
+
+
+def sixteen_shot_manifest(path) -> str:
+    """A noise manifest of a 16-shot draw from digits at 50 % noise (what a 16-shot trial writes)."""
+    from rsnl.data import load_dataset
+    from rsnl.manifest import manifest_text
+    from rsnl.noise import sample_noisy_fewshot
+    d = load_dataset("digits")
+    samples = {split: sample_noisy_fewshot(np.asarray(part.labels), len(d.classnames), 16, 0.5, "ptnl", 1)
+               for split, part in (("train", d.train), ("val", d.val))}
+    Path(path).write_text(manifest_text(samples, {"train": d.train.ids, "val": d.val.ids}, d.classnames))
+    return str(path)
 
 
 @pytest.mark.parametrize("changes, args, message", BAD_INPUTS)
 def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, monkeypatch, capsys, changes, args, message):
+    """One line, before the study's first console line and before Ray starts."""
     import ray
     import launch
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # a bucket's client must not look elsewhere
+        monkeypatch.setenv(key, "rsnl-test")
+    files = {"BINARY": tmp_path / "manifest.bin", "SIXTEEN_SHOTS": tmp_path / "manifest16.csv"}
+    files["BINARY"].write_bytes(bytes(range(256)) * 4)
+    sixteen_shot_manifest(files["SIXTEEN_SHOTS"])
+    for name, path in files.items():
+        changes = {k: ({**v, "noise_file": str(path)} if isinstance(v, dict) and v.get("noise_file") == name else v)
+                   for k, v in changes.items()}
+        message = message.replace(name, str(path))
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(_study(tmp_path, **changes)))
     ray_was_up = ray.is_initialized()
     code = launch.main(["--config", str(path), *args])
-    err = capsys.readouterr().err.strip().splitlines()
+    out, err = capsys.readouterr()
+    err = err.strip().splitlines()
     assert code == 2
+    assert out == "", "nothing printed before the error (no header)"
     assert len(err) == 1 and err[0].startswith("launch.py: error:"), err
     assert message in err[0], err[0]
     assert not (tmp_path / "st").exists(), "no partial experiment folder"

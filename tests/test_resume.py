@@ -1,68 +1,21 @@
-"""Resume and exit status of launch.py, as a user meets them: drivers killed at several moments, Ctrl-C
-and SIGTERM, a second driver, a failed restore, a moved folder, a study in an S3 bucket.
+"""Resume as a user meets it: an Optuna search killed at several moments and resumed from a moved folder,
+Tune's run state damaged (rebuilt from rsnl's record), an unreadable record, a trial that failed and then
+completes. Stops by signal are in test_signals.py, the kill sweep over a study's life in test_kill_sweep.py.
 
-Each test runs launch.py in its own process group with a Ray of its own (tiny digits studies on CPU).
+The CLI tests run launch.py in its own process group with a Ray of its own (tiny digits studies on CPU).
 """
 
-import json
 import os
 import shutil
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from drivers import LAUNCH, checkpoints, launch, record, results_of, wait_for
 from studies import grid_study, optuna_study
-
-REPO = Path(__file__).resolve().parents[1]
-LAUNCH = [sys.executable, str(REPO / "launch.py")]
-
-
-def wait_for(predicate, timeout: float, every: float = 0.05) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(every)
-    return False
-
-
-def results_of(trial_dir: Path) -> list[dict]:
-    path = trial_dir / "result.json"
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            pass
-    return out
-
-
-def checkpoints(exp: Path) -> dict[str, list[int]]:
-    """{trial folder: sorted checkpoint indices} as the workers wrote them to the storage."""
-    dirs = [d for d in exp.iterdir() if d.is_dir()] if exp.is_dir() else []
-    return {d.name: sorted(int(c.name.split("_")[1]) for c in d.glob("checkpoint_*")) for d in dirs}
-
-
-def record(exp: Path, name: str):
-    import optuna
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return optuna.load_study(study_name=name, storage=f"sqlite:///{exp / 'optuna.db'}").get_trials()
-
-
-@pytest.fixture
-def env(ray_env):
-    """A Ray of its own per driver (short RAY_TMPDIR: unix socket paths stay under 107 bytes)."""
-    import tempfile
-    path = tempfile.mkdtemp(prefix="rsnl-ray-", dir="/tmp")
-    yield {**os.environ, **ray_env, "RAY_TMPDIR": path}
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def start(args, env, cwd, log: Path):
@@ -77,10 +30,6 @@ def kill(driver) -> None:
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
     driver.log.close()
-
-
-def launch(args, env, cwd, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run(LAUNCH + args, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
 def test_driver_killed_at_several_moments_then_resumed_runs_every_trial_once(tmp_path, env, study_cache):
@@ -155,127 +104,113 @@ def test_driver_killed_at_several_moments_then_resumed_runs_every_trial_once(tmp
         assert (exp / folder / "result.json").read_bytes() == content, "a finished trial was not run again"
 
 
-def test_sigterm_stops_honestly_a_second_driver_is_refused_and_resume_completes(tmp_path, env, study_cache):
-    epochs = 300  # long enough for two more drivers to start while it runs
-    values = grid_study(tmp_path / "st", study_cache, name="term", epochs=epochs)
-    values["search"]["params"] = {"noise_rate": {"grid": [0.5]}, "seed": {"grid": [1, 2]}}  # 4 trials
-    (tmp_path / "study.yaml").write_text(yaml.safe_dump(values))
-    exp = tmp_path / "st" / "term"
-    resume = ["--resume", "--name", "term", "--storage", str(tmp_path / "st")]
-    d = subprocess.Popen(LAUNCH + ["--config", str(tmp_path / "study.yaml")], env=env, cwd=tmp_path,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        assert wait_for(lambda: any(checkpoints(exp).values()), timeout=300), "the study started"
-        for args in (resume, ["--config", str(tmp_path / "study.yaml")]):  # while it runs
-            p = launch(args, env, tmp_path, timeout=120)
-            assert p.returncode == 2 and p.stdout == "", p.stderr
-            assert "another launch.py is running this study" in p.stderr and len(p.stderr.splitlines()) == 1
-        d.send_signal(signal.SIGTERM)  # the driver only, as `kill PID` or a batch scheduler would
-        out, err = d.communicate(timeout=300)
-    finally:
-        if d.poll() is None:
-            os.killpg(d.pid, signal.SIGKILL)
-    assert d.returncode == 130, out + err
-    summary = [x for x in out.splitlines() if "trial(s) finished" in x]
-    assert summary and "of 4 trial(s) finished, 0 failed" in summary[0] and "unfinished" in summary[0], out
-    assert f"continue with: python launch.py --resume --name term --storage {tmp_path / 'st'}" in err
-    assert not any(t.state.name == "COMPLETE" and t.user_attrs["epochs_done"] < epochs for t in record(exp, "term"))
+# --- Tune's run state damaged: rebuilt from rsnl's record (tune/resume.py) ---------------------------
 
-    p = launch(resume, env, tmp_path)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert "[rsnl] 4 of 4 trial(s) finished, 0 failed" in p.stdout
-    trials = record(exp, "term")
-    assert len(trials) == 4
-    assert all(t.state.name == "COMPLETE" and sorted(t.intermediate_values) == list(range(epochs)) for t in trials)
+def trial_results(exp: Path) -> dict[str, bytes]:
+    return {d.name: (d / "result.json").read_bytes() for d in exp.iterdir() if (d / "result.json").is_file()}
 
 
-def test_a_failed_restore_is_one_line_and_reruns_nothing(tmp_path, env, study_cache):
+def test_a_finished_study_with_a_damaged_run_state_resumes_to_its_summary_and_reruns_nothing(
+        ray_session, tmp_path, study_cache):
+    from rsnl.study import read_stored
+    from studies import run
+    from tune.run import run_study
     values = grid_study(tmp_path / "st", study_cache, name="broken", epochs=2)
     values["search"]["params"] = {"noise_rate": {"grid": [0.5]}, "seed": {"grid": [1]}}
-    (tmp_path / "study.yaml").write_text(yaml.safe_dump(values))
-    p = launch(["--config", str(tmp_path / "study.yaml")], env, tmp_path)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    run(values)
     exp = tmp_path / "st" / "broken"
-    before = {d.name: (d / "result.json").read_bytes() for d in exp.iterdir() if (d / "result.json").is_file()}
+    before = trial_results(exp)
     for state in exp.glob("experiment_state-*.json"):
         state.write_text('{"trial_data": [')  # cut off mid-write
-    p = launch(["--resume", "--name", "broken", "--storage", str(tmp_path / "st")], env, tmp_path)
-    assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
-    err = p.stderr.strip().splitlines()
-    assert len(err) == 1 and "Tune could not restore the run state" in err[0], p.stderr
-    after = {d.name: (d / "result.json").read_bytes() for d in exp.iterdir() if (d / "result.json").is_file()}
-    assert after == before, "no trial ran again and no new one started"
+    said = []
+    results, _, _ = run_study(read_stored(str(exp)), resume=True, log=said.append)
+    assert results is None and said == ["[rsnl] every trial of the study has finished; nothing to run"]
+    assert trial_results(exp) == before, "no trial ran again and no new one started"
 
 
-def test_interrupt_before_the_study_file_exists_gives_no_resume_hint(tmp_path, env, study_cache):
-    values = grid_study(tmp_path / "st", study_cache / "fresh", name="early", epochs=2)  # features to compute
-    (tmp_path / "study.yaml").write_text(yaml.safe_dump(values))
-    d = subprocess.Popen(LAUNCH + ["--config", str(tmp_path / "study.yaml")], env=env, cwd=tmp_path,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        time.sleep(3)  # past the checks, before the features are done
-        assert not (tmp_path / "st" / "early" / "rsnl_study.yaml").exists()
-        d.send_signal(signal.SIGINT)
-        out, err = d.communicate(timeout=120)
-    finally:
-        if d.poll() is None:
-            os.killpg(d.pid, signal.SIGKILL)
-    assert d.returncode == 130, out + err
-    assert "interrupted before the study started; nothing to resume" in err and "--resume" not in err, err
-    assert "Traceback" not in err
+def test_a_partial_run_state_is_rebuilt_from_the_record_without_running_a_finished_trial(
+        ray_session, tmp_path, study_cache):
+    """One trial finished, one failed; Tune's experiment state is cut off mid-write. The resume keeps the
+    finished trial as it is and runs the other grid point again, as a new trial."""
+    from faults import fail_once_at
+    from rsnl.study import read_stored
+    from studies import run
+    from tune.record import tally
+    from tune.run import run_study
+    values = grid_study(tmp_path / "st", study_cache, name="partial", epochs=2)
+    values["search"]["params"] = {"noise_rate": {"grid": [0.5]}, "seed": {"grid": [1]}}
+    values["max_failures"] = 0
+    with fail_once_at(1, tmp_path / "fault"):
+        run(values)
+    exp = tmp_path / "st" / "partial"
+    done = next(t for t in record(exp, "partial") if t.state.name == "COMPLETE")
+    failed = next(t for t in record(exp, "partial") if t.state.name == "FAIL")
+    kept = (exp / done.user_attrs["trial_folder"] / "result.json").read_bytes()
+    state = sorted(exp.glob("experiment_state-*.json"))[-1]
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    said = []
+    study = read_stored(str(exp))
+    run_study(study, resume=True, log=said.append)
+    assert ("[rsnl] Tune's run state is partial (the driver was stopped while Tune saved it); rebuilt from the "
+            "study's record: 1 finished trial(s) kept, 1 to run from their first epoch") in said, said
+    trials = record(exp, "partial")
+    assert len(trials) == 2 and all(t.state.name == "COMPLETE" for t in trials)
+    assert {t.params["variant"] for t in trials} == {"coop", "rsnl-m2"}
+    assert (exp / done.user_attrs["trial_folder"] / "result.json").read_bytes() == kept, "the finished trial stays"
+    assert not (exp / failed.user_attrs["trial_folder"]).exists()
+    folders = sorted(d.name for d in exp.iterdir() if (d / "params.json").is_file())
+    assert folders == sorted(t.user_attrs["trial_folder"] for t in trials), "one folder per grid point"
+    again = next(t for t in trials if t.params["variant"] == failed.params["variant"])
+    assert [r["epoch"] for r in results_of(exp / again.user_attrs["trial_folder"])] == [0, 1]
+    assert sorted(again.intermediate_values) == [0, 1]
+    outcome = tally(str(exp), study)
+    assert (outcome.finished, outcome.failed, outcome.unfinished) == (2, 0, 0)
 
 
-# --- a study in an S3 bucket -------------------------------------------------------------------------
+def test_a_search_with_a_missing_run_state_is_rebuilt_with_the_sampler_told_the_finished_values(
+        ray_session, tmp_path, study_cache):
+    """An Optuna search: one trial finished, one failed, Tune's state gone. The rebuild keeps the finished
+    one and asks the sampler, told its value, for the one sample left."""
+    from faults import fail_once_at
+    from rsnl.study import read_stored
+    from studies import run
+    from tune.run import run_study
+    values = optuna_study(tmp_path / "st", study_cache, name="search", num_samples=2, epochs=2)
+    values["max_failures"] = 0
+    with fail_once_at(1, tmp_path / "fault"):
+        run(values)
+    exp = tmp_path / "st" / "search"
+    done = next(t for t in record(exp, "search") if t.state.name == "COMPLETE")
+    failed = next(t for t in record(exp, "search") if t.state.name == "FAIL")
+    kept = (exp / done.user_attrs["trial_folder"] / "result.json").read_bytes()
+    for state in exp.glob("experiment_state-*.json"):
+        state.unlink()
+    said = []
+    run_study(read_stored(str(exp)), resume=True, log=said.append)
+    assert ("[rsnl] Tune's run state is missing (the driver was stopped before Tune first saved it); rebuilt from "
+            "the study's record: 1 finished trial(s) kept, 1 to run from their first epoch") in said, said
+    trials = record(exp, "search")
+    assert len(trials) == 2 and all(t.state.name == "COMPLETE" for t in trials)
+    assert (exp / done.user_attrs["trial_folder"] / "result.json").read_bytes() == kept
+    assert not (exp / failed.user_attrs["trial_folder"]).exists()
+    folders = sorted(d.name for d in exp.iterdir() if (d / "params.json").is_file())
+    assert folders == sorted(t.user_attrs["trial_folder"] for t in trials), "one folder per trial"
 
-@pytest.fixture
-def s3(monkeypatch):
-    """An S3-compatible server (moto) on 127.0.0.1 with an empty bucket; yields the storage URI."""
-    moto_server = pytest.importorskip("moto.server")
-    creds = {"AWS_ACCESS_KEY_ID": "rsnl-test", "AWS_SECRET_ACCESS_KEY": "rsnl-test", "AWS_DEFAULT_REGION": "us-east-1"}
-    for k, v in creds.items():
-        monkeypatch.setenv(k, v)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    import boto3
-    boto3.client("s3", endpoint_url=f"http://{host}:{port}").create_bucket(Bucket="rsnl")
-    yield f"s3://rsnl/studies?endpoint_override={host}:{port}&scheme=http&region=us-east-1"
-    server.stop()
 
+def test_an_unreadable_record_refuses_the_resume_in_one_line_before_ray(tmp_path, capsys):
+    import ray
 
-def test_study_in_s3_killed_resumed_and_reported(tmp_path, env, study_cache, s3):
-    import boto3
-    from urllib.parse import parse_qs
-    query = parse_qs(s3.split("?", 1)[1])
-    client = boto3.client("s3", endpoint_url=f"http://{query['endpoint_override'][0]}")
-
-    def keys():
-        return [o["Key"] for o in client.list_objects_v2(Bucket="rsnl", Prefix="studies/s3q/").get("Contents", [])]
-
-    values = grid_study(tmp_path / "unused", study_cache, name="s3q", epochs=12)
-    values["search"]["params"] = {"noise_rate": {"grid": [0.5]}, "seed": {"grid": [1]}}  # 2 trials
-    values["storage"] = s3
-    (tmp_path / "study.yaml").write_text(yaml.safe_dump(values))
-    env = {**env, **{k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}}
-    d = start(["--config", str(tmp_path / "study.yaml")], env, tmp_path, tmp_path / "run0.log")
-    caught = wait_for(lambda: any("/checkpoint_000003/" in k for k in keys()), timeout=300, every=0.1)
-    kill(d)
-    log = (tmp_path / "run0.log").read_text()
-    assert caught, log[-3000:]
-    assert f"[rsnl] results:     s3://rsnl/studies/s3q?{s3.split('?', 1)[1]}" in log, "the name goes before the query"
-
-    p = launch(["--resume", "--name", "s3q", "--storage", s3], env, tmp_path)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert "[rsnl] 2 of 2 trial(s) finished, 0 failed" in p.stdout
-    assert "studies/s3q/rsnl_study.yaml" in keys() and "studies/s3q/optuna.db" in keys()
-    assert "studies/s3q/rsnl_driver.log" in keys()
-
-    experiment = p.stdout.split("report: python launch.py report ", 1)[1].split()[0]
-    p = subprocess.run(LAUNCH + ["report", experiment], env=env, cwd=tmp_path, capture_output=True, text=True,
-                       timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
-    text = (tmp_path / "s3q-report" / "report.md").read_text()
-    assert "trials: 2 (2 TERMINATED)" in text, text[:1500]
+    import launch
+    from rsnl.study import parse_study, write_stored
+    study = parse_study(grid_study(tmp_path / "st", tmp_path / "cache", name="norecord"))
+    write_stored(study)
+    (tmp_path / "st" / "norecord" / "optuna.db").write_bytes(b"not a database" * 100)
+    was_up = ray.is_initialized()
+    code = launch.main(["--resume", "--name", "norecord", "--storage", str(tmp_path / "st")])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "", out
+    assert len(err.splitlines()) == 1 and "optuna.db: cannot be read" in err and "another --name" in err, err
+    assert ray.is_initialized() == was_up
 
 
 def test_a_trial_that_failed_then_completes_on_resume_is_recorded_complete(ray_session, tmp_path, study_cache):

@@ -121,7 +121,7 @@ LAUNCH_BAD_INPUTS = [
     (["--preset", "fmnist-search", "--num-samples", "0"], "--num-samples: 0 is out of range"),
     (["--preset", "dtd-ablation", "--num-samples", "3"], "a grid study runs each grid point once"),
     (["--preset", "dtd-ablation", "--set", "data_root=NOWHERE"], "NOWHERE"),
-    (["--preset", "quickstart", "--resume", "--name", "never-ran"], "no study to resume"),
+    (["--preset", "quickstart", "--resume", "--name", "never-ran"], "the same command without --resume starts it"),
 ]
 
 

@@ -1,4 +1,5 @@
-"""Resume that survives a kill at any moment: checkpoint pruning, and a guard against a failed restore.
+"""Resume that survives a kill at any moment: checkpoint pruning, a guard against a failed restore, and
+schedulers that follow a moved experiment. (Which of Tune's saves a resume uses is tune.resume's call.)
 
 Tune's own `CheckpointConfig(num_to_keep=k)` deletes a trial's older checkpoint as soon as a newer one
 is registered, while the experiment state that `--resume` reads reaches the storage later, copied in
@@ -88,17 +89,19 @@ class RestoreFailed(RuntimeError):
 
 
 class RestoreGuard(tune.Callback):
-    """Stops a resume whose run state Tune could not restore.
+    """Stops a resume whose run state Tune could not restore (the driver then rebuilds it, tune.run).
 
     Tune answers a failed restore by logging it and starting the experiment again from zero in the same
     folder, which would rerun finished trials. Tune restores callback states only when it read the run
-    state; this callback has one, so on a resume its `setup` knows whether the restore happened."""
+    state; this callback has one, so on a resume its `setup` knows whether the restore happened. Its
+    state also names the loop step of the save it belongs to, so that a resume can tell the callbacks'
+    file from another save than the experiment state's (tune.resume.whole_save)."""
 
     def __init__(self, resume: bool = False):
-        self.resume, self.restored = resume, False
+        self.resume, self.restored, self.step = resume, False, None
 
     def get_state(self) -> dict:
-        return {"saved": True}
+        return {"saved": True, "step": self.step}
 
     def set_state(self, state: dict) -> None:
         self.restored = bool(state.get("saved"))
@@ -106,6 +109,13 @@ class RestoreGuard(tune.Callback):
     def setup(self, **info):
         if self.resume and not self.restored:
             raise RestoreFailed("Tune could not restore the stored run state")
+
+    # Tune saves during a step (after its start) and once after the loop (after the last step's end).
+    def on_step_begin(self, iteration, trials, **info):
+        self.step = iteration
+
+    def on_step_end(self, iteration, trials, **info):
+        self.step = iteration
 
 
 class KeepResultsOnRetry(tune.Callback):

@@ -18,6 +18,7 @@ from pathlib import Path
 from ray import tune
 
 from rsnl import storage
+from rsnl.errors import ConfigError
 from rsnl.study import RECORD_FILE, StudyConfig, distributions, finite, record_params
 
 
@@ -99,6 +100,8 @@ class OptunaRecorder(tune.Callback):
         fetch(self.experiment)  # continue the copy the storage holds (a resume)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._ostudy = open_study(storage_url(self.path), self.study)
+        if storage.is_uri(self.experiment):  # one the storage lacks (a kill before its first upload) goes up
+            storage.write_bytes(storage.join(self.experiment, RECORD_FILE), self.path.read_bytes())
         self._states = {t.user_attrs.get("tune_trial_id"): t.state.name
                         for t in self._ostudy.get_trials(deepcopy=False)}
 
@@ -141,6 +144,31 @@ class OptunaRecorder(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._record(trial, errored=True)
+
+
+def read_record(experiment: str, study: StudyConfig) -> list:
+    """Every trial optuna.db holds ([] without the file); an unreadable file is one ConfigError line."""
+    import optuna
+    try:
+        path = fetch(experiment)
+        if not path.is_file():
+            return []
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        return open_study(storage_url(path), study).get_trials(deepcopy=False)
+    except Exception as e:  # sqlite, Optuna and the storage fail in many types; all mean the same here
+        raise ConfigError(f"{storage.join(experiment, RECORD_FILE)}: cannot be read ({' '.join(str(e).split())[:200]}"
+                          f"); it records which trials finished, so nothing was run: put back a good copy, or "
+                          f"start the study again under another --name") from None
+
+
+def keep_in_record(experiment: str, study: StudyConfig, trials: list) -> None:
+    """optuna.db with only `trials` (the others run again as new trials); uploaded for a URI."""
+    import optuna
+    url = storage_url(local_path(experiment))
+    optuna.delete_study(study_name=study.name, storage=url)
+    open_study(url, study).add_trials(trials)
+    if storage.is_uri(experiment):
+        storage.write_bytes(storage.join(experiment, RECORD_FILE), local_path(experiment).read_bytes())
 
 
 @dataclass

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -63,14 +62,6 @@ def check_cluster_gpus(gpu_per_trial: float) -> None:
     if 0 < have < gpu_per_trial:
         raise ConfigError(f"--gpus-per-trial: {gpu_per_trial:g} per trial but the largest request the cluster can "
                           f"hold is {have:g} GPU")
-
-
-def sigterm_as_sigint() -> None:
-    """SIGTERM (`kill PID`, a batch scheduler) stops the study like Ctrl-C: Tune saves the run state and
-    ends the trials. Installed again after ray.init, whose core replaces it with an abort."""
-    import threading
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
 
 
 RAY_LOGGERS = ("ray", "ray.data", "ray.tune", "ray.train")

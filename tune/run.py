@@ -1,10 +1,13 @@
 """Run or resume a study on Ray Tune: the driver side of launch.py.
 
 Order matters: one driver per experiment (a lock that dies with its holder); everything that can be
-checked without a cluster is checked before Ray starts; the image features of each (dataset, backbone)
-are computed by one Ray task and shared through the object store; the study file is written; then Tune
-runs the trials, and nothing finished is ever run twice on resume. Ray's and Tune's logs go to
-rsnl_driver.log in the experiment; the console gets rsnl's lines and one progress line.
+checked without a cluster is checked before the first console line and before Ray starts, and a resume
+decides there how it goes on (tune.resume: Tune's saved state, or a rebuild from rsnl's record); the
+image features of each (dataset, backbone) are computed by one Ray task and shared through the object
+store; the study file is written; then Tune runs the trials, and nothing finished is ever run twice on
+resume. SIGTERM and Ctrl-C stop it cleanly in every phase (tune.stopping). Ray's and Tune's logs go to
+rsnl_driver.log in the experiment, whatever the outcome; the console gets rsnl's lines and one progress
+line.
 """
 
 from __future__ import annotations
@@ -16,15 +19,26 @@ import socket
 import time
 from pathlib import Path
 
+from ray import tune
+
 from rsnl import storage
 from rsnl.errors import ConfigError
 from rsnl.files import locked, probe_writable
 from rsnl.inputs import preflight, prepare_weights
 from rsnl.study import STUDY_FILE, StudyConfig, missing_study, trial_folder_name, write_stored
-from tune.resources import RayLog, check_cluster_gpus, check_local_gpus, init_ray, sigterm_as_sigint
+from tune.resources import RayLog, check_cluster_gpus, check_local_gpus, init_ray
+from tune.stopping import STOP
 from tune.trainable import bank_key, compute_bank, log_side_by_side, train_trial
 
 LOG_FILE = "rsnl_driver.log"
+
+
+class StopCallback(tune.Callback):
+    """Hands a stop request to Tune's loop once the loop has its handler (a signal may come while Tune
+    sets up, before it has one)."""
+
+    def on_step_begin(self, iteration, trials, **info):
+        STOP.deliver()
 
 
 def check_storage(study: StudyConfig, resume: bool) -> None:
@@ -83,10 +97,13 @@ def bank_plan(study: StudyConfig) -> dict[tuple, dict]:
 
 
 def preflight_study(study: StudyConfig) -> None:
-    """Data layout, backbone and weights names, shots: once per distinct bank, no model built."""
+    """Data layout, backbone and weights, shots: once per distinct bank, no model built; then every
+    trial's noise manifest against its dataset."""
     from rsnl.config import TrialConfig
-    for cfg in bank_plan(study).values():
-        preflight(TrialConfig.from_dict(cfg))
+    from rsnl.inputs import check_noise_file
+    datasets = {key: preflight(TrialConfig.from_dict(cfg)) for key, cfg in bank_plan(study).items()}
+    for cfg in study.validate_trials():
+        check_noise_file(cfg, datasets[bank_key(cfg)])
 
 
 def prepare_study_weights(study: StudyConfig) -> None:
@@ -96,36 +113,52 @@ def prepare_study_weights(study: StudyConfig) -> None:
         prepare_weights(TrialConfig.from_dict(cfg))
 
 
-def build_tuner(study: StudyConfig, banks: dict, exp: str, resume: bool, progress=None):
-    from ray import tune
-    from tune.checkpoints import CheckpointPruner, KeepResultsOnRetry, RestoreGuard, follow, following_scheduler
+def build_tuner(study: StudyConfig, banks: dict, exp: str, plan=None, progress=None):
+    """A Tuner for a new study, or as `plan` says for a resume (tune.resume.Plan: restore or rebuild)."""
+    from tune.checkpoints import CheckpointPruner, KeepResultsOnRetry, RestoreGuard, follow
     from tune.record import OptunaRecorder
-    from tune.study import param_space
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no status tables, no banners
     import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # OptunaSearch's "A new study created" line
     trainable = tune.with_resources(tune.with_parameters(train_trial, study=study, banks=banks),
                                     {"cpu": study.cpu, "gpu": study.gpu})
+    restore = plan is not None and plan.kind == "restore"
     # Tune matches saved callback states to callbacks by position: the stateful ones come first, always
     # in this order. On resume they are made afresh for where the experiment is now (it may have moved)
     # and replace the copies pickled with the experiment; Tune then gives them their saved state.
-    callbacks = [RestoreGuard(resume), CheckpointPruner(exp), OptunaRecorder(exp, study)]
+    callbacks = [RestoreGuard(restore), CheckpointPruner(exp), OptunaRecorder(exp, study)]
     callbacks += [KeepResultsOnRetry()] + ([progress] if progress is not None else [])
-    if resume:
-        tuner = tune.Tuner.restore(exp, trainable=trainable, resume_unfinished=True, resume_errored=True)
-        internal = tuner._local_tuner  # no public way to replace them
-        internal.get_run_config().callbacks = callbacks
-        follow(internal._tune_config.scheduler, study.storage_path())
-        return tuner
+    callbacks.append(StopCallback())
+    if not restore:
+        return new_tuner(study, trainable, callbacks, plan)
+    new_tuner(study, trainable, callbacks)  # writes tuner.pkl afresh from the study: a kill may have cut Tune's
+    tuner = tune.Tuner.restore(exp, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    internal = tuner._local_tuner  # no public way to replace them
+    internal.get_run_config().callbacks = callbacks
+    follow(internal._tune_config.scheduler, study.storage_path())
+    return tuner
 
+
+def new_tuner(study: StudyConfig, trainable, callbacks: list, plan=None):
+    """A Tuner for every trial of the study, or for what a rebuilt resume has left to run."""
+    from tune.checkpoints import following_scheduler
+    from tune.resume import rebuilt_search
+    from tune.study import param_space
+
+    space = param_space(study)
+    num_samples = study.num_samples if study.kind != "grid" else 1
     search_alg = None
-    if study.kind == "optuna":
+    if plan is not None and plan.kind == "rebuild":
+        search_alg, num_samples = rebuilt_search(plan, study)
+        if plan.points is not None:
+            space = {}  # the searcher hands out whole grid points
+    elif study.kind == "optuna":
         from ray.tune.search.optuna import OptunaSearch
         search_alg = OptunaSearch(seed=study.search_seed)
-        if study.max_concurrent:
-            from ray.tune.search import ConcurrencyLimiter
-            search_alg = ConcurrencyLimiter(search_alg, max_concurrent=study.max_concurrent)
+    if study.kind == "optuna" and study.max_concurrent:
+        from ray.tune.search import ConcurrencyLimiter
+        search_alg = ConcurrencyLimiter(search_alg, max_concurrent=study.max_concurrent)
     epochs = study.trial_configs(study.corner_overrides()[0])[0][1].epochs
     scheduler = following_scheduler(study.asha, epochs, study.storage_path())
 
@@ -134,10 +167,10 @@ def build_tuner(study: StudyConfig, banks: dict, exp: str, resume: bool, progres
 
     return tune.Tuner(
         trainable,
-        param_space=param_space(study),
+        param_space=space,
         tune_config=tune.TuneConfig(
             metric=study.metric, mode=study.mode, search_alg=search_alg, scheduler=scheduler,
-            num_samples=study.num_samples if study.kind != "grid" else 1,
+            num_samples=num_samples,
             max_concurrent_trials=(study.max_concurrent or None) if study.kind != "optuna" else None,
             reuse_actors=study.reuse_actors, trial_name_creator=name, trial_dirname_creator=name),
         run_config=tune.RunConfig(
@@ -160,15 +193,20 @@ def compute_banks(study: StudyConfig, log=print) -> tuple[dict, dict]:
         refs[key], stats_refs[key] = task.remote(cfg)
     t0 = time.perf_counter()
     stats, failures = {}, []
-    for key, ref in stats_refs.items():
-        try:
-            stats[key] = ray.get(ref)
-        except ray.exceptions.RayTaskError as e:
-            # The task's other output failed too: fetch it, or Ray logs it as an unhandled error whenever
-            # the reference is collected (later, into whatever stream is open then).
-            with contextlib.suppress(ray.exceptions.RayTaskError):
-                ray.get(refs[key])
-            failures.append(e)
+    with STOP.waiting_phase():  # a stop request is answered between waits, not inside ray.get
+        pending = list(stats_refs.values())
+        while pending:
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.2)
+            STOP.check()
+        for key, ref in stats_refs.items():
+            try:
+                stats[key] = ray.get(ref)
+            except ray.exceptions.RayTaskError as e:
+                # The task's other output failed too: fetch it, or Ray logs it as an unhandled error whenever
+                # the reference is collected (later, into whatever stream is open then).
+                with contextlib.suppress(ray.exceptions.RayTaskError):
+                    ray.get(refs[key])
+                failures.append(e)
     if failures:
         # A bad image or missing weights found while computing features: the user's one line, not a traceback.
         from rsnl.errors import USER_ERRORS
@@ -185,83 +223,104 @@ def compute_banks(study: StudyConfig, log=print) -> tuple[dict, dict]:
 
 def run_study(study: StudyConfig, address: str | None = None, resume: bool = False, log=print, progress=None,
               announce=None):
-    """Run (or resume) a study to the end; returns (ResultGrid, experiment path, feature stats).
+    """Run (or resume) a study to the end; returns (ResultGrid or None, experiment path, feature stats).
 
-    On resume, `study` is the stored one (rsnl.study.read_stored). `progress` is a Tune callback that
-    shows the study's progress (tune.progress.Progress), or None; `announce()` is called once this
-    driver holds the experiment and its storage is fine.
+    On resume, `study` is the stored one (rsnl.study.read_stored), and tune.resume decides how it
+    continues. `progress` is a Tune callback that shows the study's progress (tune.progress.Progress),
+    or None; `announce()` is called once every check that needs no Ray has passed.
     """
+    from tune.checkpoints import RestoreFailed, prune
+    from tune.resume import plan_resume, prepare, rebuild_plan
+
     exp = study.experiment_path()
     with driver_lock(exp):
         check_storage(study, resume)
+        plan = plan_resume(exp, study) if resume else None
+        if plan is None or plan.kind != "done":
+            preflight_study(study)
+            if address is None:
+                check_local_gpus(study.gpu)
         if announce is not None:
             announce()
-        preflight_study(study)
-        if address is None:
-            check_local_gpus(study.gpu)
-        prepare_study_weights(study)
+        if plan is not None and plan.line():
+            log(plan.line())
         ray_log = RayLog(storage.mirror_dir(exp, "logs") / LOG_FILE)
+        started = False
         try:
-            init_ray(address, configure_logging=False)
-            ray_log.attach()
-            sigterm_as_sigint()
+            if plan is not None and plan.kind == "done":
+                write_stored(study)  # its storage is where the study is now (it may have moved)
+                prune(exp)
+                return None, exp, {}
+            prepare_study_weights(study)
+            with STOP.ray_start():
+                started = init_ray(address, configure_logging=False) is not None
+                ray_log.attach()
             if address is not None:
                 check_cluster_gpus(study.gpu)
             banks, stats = compute_banks(study, log)
             log_side_by_side(study)
+            STOP.check()
             write_stored(study)  # on resume too: its storage is where the study is now (it may have moved)
             if not storage.is_uri(exp):
                 ray_log.move_to(Path(exp) / LOG_FILE)
-            if resume and not tune_state_saved(exp, study):
-                log("[rsnl] the interrupted run had saved no Tune state yet; its trials start from the beginning")
-                resume = False
-            tuner = build_tuner(study, banks, exp, resume, progress)
-            results = fit(tuner, exp)
+            if plan is not None:
+                prepare(plan, exp, study)
+            try:
+                with STOP.tuning():
+                    results = fit(build_tuner(study, banks, exp, plan, progress))
+            except RestoreFailed:
+                logging.getLogger("rsnl.run").exception("Tune could not restore its run state")
+                plan = rebuild_plan(exp, study, f"unreadable to Tune (details in {log_location(exp)})")
+                log(plan.line())
+                prepare(plan, exp, study)
+                with STOP.tuning():
+                    results = fit(build_tuner(study, banks, exp, plan, progress))
+            prune(exp)  # the final state is in the storage now: two checkpoints per trial stay
         finally:
-            ray_log.close()
-            if storage.is_uri(exp) and ray_log.path.is_file():
-                with contextlib.suppress(OSError):
-                    storage.write_bytes(storage.join(exp, LOG_FILE), ray_log.path.read_bytes())
-        from tune.checkpoints import prune as prune_checkpoints
-        prune_checkpoints(exp)  # the final state is in the storage now: two checkpoints per trial stay
+            if started:  # here, not at exit: a stop request during the shutdown is still answered
+                import ray
+                with STOP.waiting_phase():
+                    ray.shutdown()
+            keep_log(ray_log, exp)
     return results, exp, stats
 
 
-def tune_state_saved(exp: str, study: StudyConfig) -> bool:
-    """Whether Tune saved any run state to resume from. A driver killed within its first second may
-    not have: then no trial can have finished (the record says so), and the folders the killed run
-    began are removed so that the new start does not sit beside them."""
-    import pyarrow.fs
-    from ray import tune
-
-    from tune.record import tally
-    if tune.Tuner.can_restore(exp):
-        return True
-    recorded = tally(exp, study)
-    if recorded.finished or recorded.failed:
-        raise ConfigError(f"--resume: {exp} has finished trials but no Tune run state to continue from; "
-                          f"start the study again under another --name")
-    fs, path = storage.filesystem(exp)
-    for info in fs.get_file_info(pyarrow.fs.FileSelector(path)):
-        if info.type == pyarrow.fs.FileType.Directory:
-            fs.delete_dir(info.path)
-    return False
+def keep_log(ray_log: RayLog, exp: str) -> None:
+    """The driver's log into the experiment whatever the outcome (where log_location says it is), once
+    the experiment exists: moved there on local storage, uploaded to a URI."""
+    if not storage.is_uri(exp):
+        if Path(exp).is_dir():
+            ray_log.move_to(Path(exp) / LOG_FILE)
+        ray_log.close()
+        return
+    ray_log.close()
+    with contextlib.suppress(OSError):
+        if ray_log.path.is_file() and storage.exists(storage.join(exp, STUDY_FILE)):
+            storage.write_bytes(storage.join(exp, LOG_FILE), ray_log.path.read_bytes())
 
 
-def fit(tuner, exp: str):
-    """tuner.fit(), with a failed restore as one line (Tune would otherwise start every trial again)."""
+def log_location(exp: str) -> str:
+    """Where the driver's log is to be read: in the experiment, or its local copy for a URI (uploaded
+    when the driver ends)."""
+    if storage.is_uri(exp):
+        return str(storage.mirror_dir(exp, "logs") / LOG_FILE)
+    return storage.join(exp, LOG_FILE)
+
+
+def fit(tuner):
+    """tuner.fit(); a failed restore comes out as tune.checkpoints.RestoreFailed, whatever Tune wrapped
+    it in."""
     from tune.checkpoints import RestoreFailed
     start = time.perf_counter()
     try:
         results = tuner.fit()
-        logging.getLogger("rsnl.run").info(f"tuning loop: {time.perf_counter() - start:.1f} s (Tune's fit, "
-                                           f"without Ray's start, the feature task and shutdown)")
-        return results
     except Exception as e:
         cause = e
         while cause is not None and not isinstance(cause, RestoreFailed):
             cause = cause.__cause__ or cause.__context__
         if cause is None:
             raise
-        raise ConfigError(f"--resume: Tune could not restore the run state stored at {exp} (details in {LOG_FILE}); "
-                          f"nothing was run again; the finished trials and their files are kept") from None
+        raise cause from None
+    logging.getLogger("rsnl.run").info(f"tuning loop: {time.perf_counter() - start:.1f} s (Tune's fit, "
+                                       f"without Ray's start, the feature task and shutdown)")
+    return results
