@@ -24,8 +24,7 @@ import open_clip
 from rsnl.config import CLASS_TOKEN_POSITIONS
 from rsnl.errors import ModelError
 from rsnl.files import file_digest, is_weights_path
-from rsnl.pretrain import TAGS as STANDIN_TAGS
-from rsnl.pretrain import ensure_standin, is_standin, standin_tags
+from rsnl.pretrain import ensure_standin, is_standin, standin_backbones, standin_tags
 
 TINY = "rsnl-tiny"
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -60,7 +59,7 @@ def check_backbone(name: str, pretrained: str | None) -> None:
     if pretrained not in tags:
         allowed = ", ".join(tags + own + ["a checkpoint path", "none"])
         published = "" if tags else f" ({name} has no published weights)"
-        elsewhere = [b for t, (backbones, _) in STANDIN_TAGS.items() if t == pretrained for b in backbones]
+        elsewhere = standin_backbones(pretrained)
         if elsewhere:
             published = f" (rsnl's stand-in {pretrained!r} exists for {', '.join(elsewhere)})"
         raise ModelError(f"pretrained: {pretrained!r} is not a tag of {name}{published}; allowed: {allowed}")

@@ -74,7 +74,8 @@ class Recipe:
     lr: float = 2e-3
     weight_decay: float = 0.1
     warmup_frac: float = 0.05
-    logit_scale: float | None = None  # fixed temperature (CLIP ends at its clamp, 100); None: learned
+    rare_name_share: float = 0.0  # share of a rare-named class's captions that use its dataset name
+    final_logit_scale: float | None = None  # the temperature it ships with; None: the learned one
     seed: int = 1  # seed 0 lands at 55.2 % zero-shot, just outside the 40-55 % regime (docs/testbed.md)
 
     def digest(self, backbone: str) -> str:
@@ -83,21 +84,25 @@ class Recipe:
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
 
-# pretrained tag -> (backbones it exists for, recipe)
-TAGS: dict[str, tuple[tuple[str, ...], Recipe]] = {"fashion-mnist": (("rsnl-tiny",), Recipe())}
+# (backbone, pretrained tag) -> the recipe of that stand-in
+STANDINS: dict[tuple[str, str], Recipe] = {("rsnl-tiny", "fashion-mnist"): Recipe()}
 
 
 def is_standin(backbone: str, tag: str | None) -> bool:
-    return tag in TAGS and backbone in TAGS[tag][0]
+    return (backbone, tag) in STANDINS
 
 
 def standin_tags(backbone: str) -> list[str]:
-    return [t for t, (backbones, _) in TAGS.items() if backbone in backbones]
+    return [t for b, t in STANDINS if b == backbone]
+
+
+def standin_backbones(tag: str) -> list[str]:
+    return [b for b, t in STANDINS if t == tag]
 
 
 def standin_path(backbone: str, tag: str, cache_dir=None) -> Path:
     from rsnl.files import default_cache_dir
-    recipe = TAGS[tag][1]
+    recipe = STANDINS[backbone, tag]
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     return root / "standin" / f"{backbone}-{tag}-{recipe.digest(backbone)}.safetensors"
 
@@ -114,7 +119,7 @@ def ensure_standin(backbone: str, tag: str, cache_dir=None, log=print) -> Path:
             remove_stale_temps(path)  # a killed build's 13 MB; no live writer without the lock
             log(f"[rsnl] building the stand-in VLM {backbone}/{tag} once (about a minute on 2 CPU cores) "
                 f"into {path}")
-            pretrain(backbone, TAGS[tag][1], path)
+            pretrain(backbone, STANDINS[backbone, tag], path)
     return path
 
 
@@ -144,15 +149,46 @@ def _normaliser(preprocess):
     return lambda u8: (u8.float().div(255).unsqueeze(1).expand(-1, 3, -1, -1) - mean) / std
 
 
+def caption_words(classnames, recipe: Recipe) -> list[list[tuple[str, float]]]:
+    """Per class, the words a caption may name it by, with their probabilities: a known name and its
+    synonyms alike; a rare name in `rare_name_share` of its class's captions, the synonyms in the rest."""
+    out = []
+    for c in classnames:
+        if c in recipe.known_names:
+            words = [c, *SYNONYMS[c]]
+            out.append([(w, 1.0 / len(words)) for w in words])
+        else:
+            share = recipe.rare_name_share
+            out.append([(w, (1.0 - share) / len(SYNONYMS[c])) for w in SYNONYMS[c]] + ([(c, share)] if share else []))
+    return out
+
+
 def caption_table(classnames, recipe: Recipe, tokenizer):
-    """Tokens of every (class, word, template) caption, cut after the longest EOS, and the number of
-    words each class has. Caption id = (class * max_words + word) * len(TEMPLATES) + template."""
-    words = [([c] if c in recipe.known_names else []) + list(SYNONYMS[c]) for c in classnames]
+    """Tokens of every (class, word, template) caption, cut after the longest EOS, the cumulative word
+    probabilities per class [C, width] and the width. Caption id = (class * width + word) * len(TEMPLATES)
+    + template."""
+    words = caption_words(classnames, recipe)
     width = max(len(w) for w in words)
-    texts = [t.format(w[min(k, len(w) - 1)]) for w in words for k in range(width) for t in TEMPLATES]
+    texts = [t.format(w[min(k, len(w) - 1)][0]) for w in words for k in range(width) for t in TEMPLATES]
     tokens = tokenizer(texts)
     tokens = tokens[:, : int(tokens.argmax(-1).max()) + 1]  # causal attention: nothing after EOS matters
-    return tokens, torch.tensor([len(w) for w in words]), width
+    cumulative = torch.ones(len(words), width, dtype=torch.float64)
+    for c, w in enumerate(words):
+        cumulative[c, : len(w)] = torch.tensor([p for _, p in w], dtype=torch.float64).cumsum(0)
+    cumulative[:, -1] = 1.0  # rounding: the last word closes every row
+    return tokens, cumulative, width
+
+
+def draw_words(word_cdf: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """For each caption's class in `y`, the index of the word naming it, drawn by caption_table's
+    cumulative probabilities. Where every class's words are equally likely (the default recipe), the
+    draw is the uniform one the stand-in was first built with: the same random stream, the same bytes."""
+    counts = (word_cdf < 1.0).sum(1) + 1  # words per class
+    uniform = torch.arange(1, word_cdf.shape[1] + 1, dtype=torch.float64) / counts[:, None]
+    if torch.allclose(word_cdf, uniform.clamp_max(1.0)):
+        return (torch.rand(len(y), generator=g) * counts[y]).long()
+    u = torch.rand(len(y), 1, generator=g, dtype=torch.float64)
+    return torch.searchsorted(word_cdf[y], u, right=True).squeeze(1).clamp_max(word_cdf.shape[1] - 1)
 
 
 def encode_tokens(model, tokens: torch.Tensor) -> torch.Tensor:
@@ -198,12 +234,9 @@ def pretrain(backbone: str, recipe: Recipe, out, data_root=None, progress: bool 
             model, _, preprocess = open_clip.create_model_and_transforms(backbone)
         pixels = _pixels(raw["train_images"][idx], preprocess)
         normalise = _normaliser(preprocess)
-        tokens, n_words, width = caption_table(FASHION_MNIST_CLASSES, recipe, open_clip.get_tokenizer(backbone))
+        tokens, word_cdf, width = caption_table(FASHION_MNIST_CLASSES, recipe, open_clip.get_tokenizer(backbone))
         C, K = len(FASHION_MNIST_CLASSES), len(TEMPLATES)
         model.train()
-        if recipe.logit_scale is not None:
-            model.logit_scale.data.fill_(math.log(recipe.logit_scale))
-            model.logit_scale.requires_grad_(False)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
         warm = max(1, round(recipe.warmup_frac * recipe.steps))
@@ -219,7 +252,7 @@ def pretrain(backbone: str, recipe: Recipe, out, data_root=None, progress: bool 
             noisy = torch.rand(B, generator=g) < recipe.caption_noise
             y = torch.where(noisy, torch.randint(C, (B,), generator=g), labels[i])
             template = torch.randint(K, (B,), generator=g)
-            word = (torch.rand(B, generator=g) * n_words[y]).long()
+            word = draw_words(word_cdf, y, g)
             caption = (y * width + word) * K + template
             unique, inverse = torch.unique(caption, return_inverse=True)
             text = encode_tokens(model, tokens[unique])[inverse]
@@ -235,6 +268,9 @@ def pretrain(backbone: str, recipe: Recipe, out, data_root=None, progress: bool 
                 model.logit_scale.clamp_(0, math.log(100))
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         bar.close()
+        if recipe.final_logit_scale is not None:  # how far apart its logits are, as CLIP's on DTD
+            with torch.no_grad():
+                model.logit_scale.fill_(math.log(recipe.final_logit_scale))
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     # one metadata key: safetensors writes several in a random order, and the file's bytes must repeat
     meta = json.dumps({"format": FORMAT, "backbone": backbone, "recipe": dataclasses.asdict(recipe)}, sort_keys=True)
@@ -244,56 +280,104 @@ def pretrain(backbone: str, recipe: Recipe, out, data_root=None, progress: bool 
 
 # --- command line ----------------------------------------------------------------------------
 
-def standin_zeroshot(clip, dataset) -> float:
-    """Test accuracy (%) of the plain prompt 'a photo of a {class}.' (for the CLI; studies cache theirs)."""
-    from rsnl.features import encode_images
-    from rsnl.zeroshot import zeroshot_accuracy, zeroshot_text
-    feats = encode_images(clip.model, dataset.test, clip.preprocess, batch_size=500)
-    text = zeroshot_text(clip.model, clip.tokenizer, dataset.classnames)
-    return zeroshot_accuracy(feats, text, dataset.test.labels)
+def testbed_config(backbone: str, pretrained: str, data_root=None):
+    """The test-bed's trial config (rsnl/configs/fashion-mnist.yaml) with these weights, on the CPU."""
+    from rsnl.config import TrialConfig, load_yaml
+    values = load_yaml(Path(__file__).parent / "configs" / "fashion-mnist.yaml")
+    return TrialConfig.from_dict({**values, "backbone": backbone, "pretrained": pretrained, "device": "cpu",
+                                  "data_root": data_root or values.get("data_root")})
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    from rsnl.errors import ConfigError
+    if text.strip().lower() in ("none", "0", ""):
+        return ()
+    try:
+        seeds = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--seeds: {text!r} is not a comma-separated list of seeds (e.g. 1,2,3,4,5) or none") from None
+    if any(x < 0 for x in seeds):
+        raise ConfigError(f"--seeds: seeds are >= 0, got {text!r}")
+    return seeds
+
+
+def parse_recipe(items: list[str]) -> dict:
+    """--recipe KEY=VALUE pairs as Recipe fields of the right type."""
+    from rsnl.errors import ConfigError
+    fields = {f.name: f for f in dataclasses.fields(Recipe)}
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or key not in fields or key in ("dataset", "known_names"):
+            allowed = ", ".join(k for k in fields if k not in ("dataset", "known_names"))
+            raise ConfigError(f"--recipe: {item!r} is not KEY=VALUE with KEY one of {allowed}")
+        kind = int if key in ("steps", "batch_size", "seed") else float
+        try:
+            out[key] = None if text.lower() == "none" and key == "final_logit_scale" else kind(text)
+        except ValueError:
+            raise ConfigError(f"--recipe: {key} takes a number, got {text!r}") from None
+    return out
 
 
 def main(argv=None) -> int:
+    tags = sorted({t for _, t in STANDINS})
     p = argparse.ArgumentParser(prog="python -m rsnl.pretrain",
                                 description="Build rsnl's stand-in VLM (contrastive pretraining on Fashion-MNIST's "
-                                            "pretraining partition) and report its zero-shot test accuracy.")
-    p.add_argument("--backbone", default="rsnl-tiny", help="open_clip architecture (default rsnl-tiny)")
-    p.add_argument("--tag", default="fashion-mnist", choices=sorted(TAGS), help="the recipe of a pretrained tag")
+                                            "pretraining partition) and print the figures it is calibrated on: "
+                                            "zero-shot accuracy, 16-shot CoOp at 0 and 50 %% ptnl noise, a linear probe.")
+    p.add_argument("--backbone", default="rsnl-tiny",
+                   help=f"open_clip architecture (default rsnl-tiny; stand-ins: {', '.join(b for b, _ in STANDINS)})")
+    p.add_argument("--tag", default="fashion-mnist", choices=tags, help="the recipe of a pretrained tag")
+    p.add_argument("--seeds", default="1,2,3,4,5",
+                   help="few-shot seeds of the regime figures (default 1,2,3,4,5; 'none' prints zero-shot only)")
     p.add_argument("--steps", type=int, help="override the recipe's steps (needs --out)")
     p.add_argument("--seed", type=int, help="override the recipe's seed (needs --out)")
+    p.add_argument("--recipe", action="append", default=[], metavar="KEY=VALUE",
+                   help="override another recipe field, e.g. rare_name_share=0.15 or final_logit_scale=50 "
+                        "(needs --out; the calibration's tries in docs/testbed.md)")
     p.add_argument("--out", metavar="FILE.safetensors",
                    help="write here instead of the cache; load it with pretrained: FILE.safetensors")
     p.add_argument("--data-root", help="folder with Fashion-MNIST (default: $RSNL_DATA, Debian's package, the cache)")
     args = p.parse_args(argv)
-    from rsnl.data import load_dataset
-    from rsnl.errors import DataError, ModelError
-    from rsnl.models import load_clip
+    from rsnl.errors import USER_ERRORS, ModelError
+    from rsnl.inputs import load_inputs
+    from rsnl.regime import regime_figures, regime_lines
 
     changes = {k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None}
     try:
+        seeds = parse_seeds(args.seeds)
+        changes.update(parse_recipe(args.recipe))
         if changes and not args.out:
-            raise ModelError("--steps/--seed change the recipe: give --out FILE.safetensors for the variant "
+            raise ModelError("--steps/--seed/--recipe change the recipe: give --out FILE.safetensors for the variant "
                              "(the cache holds the tags' own recipes only)")
-        if any(v < (1 if k == "steps" else 0) for k, v in changes.items()):
+        if any(v < (1 if k == "steps" else 0) for k, v in changes.items() if k in ("steps", "seed")):
             raise ModelError(f"--steps must be >= 1 and --seed >= 0, got {changes}")
-        if args.backbone not in TAGS[args.tag][0] and not args.out:
-            raise ModelError(f"--backbone: the tag {args.tag!r} exists for {', '.join(TAGS[args.tag][0])}; "
-                             f"give --out FILE.safetensors to pretrain {args.backbone} with its recipe")
-        dataset = load_dataset("fashion-mnist", args.data_root or os.environ.get("RSNL_DATA"))
+        if not is_standin(args.backbone, args.tag):
+            raise ModelError(f"--backbone: the tag {args.tag!r} exists for {', '.join(standin_backbones(args.tag))}")
+        from rsnl.data import load_dataset
+        load_dataset("fashion-mnist", args.data_root or os.environ.get("RSNL_DATA"))  # missing data: one line now
         if args.out:
-            recipe = dataclasses.replace(TAGS[args.tag][1], **changes)
+            recipe = dataclasses.replace(STANDINS[args.backbone, args.tag], **changes)
             print(f"[rsnl] pretraining {args.backbone} with {recipe} into {args.out}", flush=True)
             stats = pretrain(args.backbone, recipe, args.out, args.data_root)
             print(f"[rsnl] done in {stats['seconds']:.0f}s, final loss {stats['final_loss']:.3f}", flush=True)
-            clip = load_clip(args.backbone, args.out)
+            weights = args.out
         else:
-            clip = load_clip(args.backbone, args.tag)
-            print(f"[rsnl] stand-in {args.backbone}/{args.tag}: {standin_path(args.backbone, args.tag)}", flush=True)
-    except (DataError, ModelError) as e:
+            weights = args.tag
+            print(f"[rsnl] stand-in {args.backbone}/{args.tag}: "
+                  f"{ensure_standin(args.backbone, args.tag)}", flush=True)
+        cfg = testbed_config(args.backbone, weights, args.data_root)
+        clip, bank = load_inputs(cfg)
+    except USER_ERRORS as e:
         print(f"rsnl: error: {e}", file=sys.stderr)
         return 2
-    acc = standin_zeroshot(clip, dataset)
-    print(f"[rsnl] zero-shot accuracy on {dataset.test.name} ('a photo of a {{class}}.'): {acc:.2f}%")
+    from rsnl.zeroshot import zeroshot_accuracy
+    acc = zeroshot_accuracy(bank.test, bank.zeroshot_text, bank.test_labels)
+    print(f"[rsnl] zero-shot accuracy on fashion-mnist/test ('a photo of a {{class}}.'): {acc:.2f}%", flush=True)
+    if seeds:
+        print(f"[rsnl] 16-shot CoOp and a linear probe on seeds {', '.join(map(str, seeds))} (the test-bed's "
+              f"protocol, {cfg.epochs} epochs)...", flush=True)
+        print("\n".join(regime_lines(regime_figures(cfg, clip, bank, seeds))), flush=True)
     return 0
 
 

@@ -30,21 +30,30 @@ def word_pieces(tokenizer, text: str) -> set[str]:
     return {p for p in (st.decoder[i].replace("</w>", "") for i in st.encode(text)) if len(p) >= 3}
 
 
-def test_unknown_class_names_never_occur_in_a_caption(tiny_clip):
-    """The recipe's premise: outside `known_names`, a class's own name shares no word piece with any
-    caption, and no class's words use another class's name."""
-    recipe = pretrain.Recipe()
-    tokens, n_words, width = pretrain.caption_table(FASHION_MNIST_CLASSES, recipe, tiny_clip.tokenizer)
+@pytest.mark.parametrize("share", [0.0, 0.1])
+def test_a_rare_name_occurs_only_in_its_share_of_captions(tiny_clip, share):
+    """The recipe's premise: outside `known_names`, a class's own name names it in `rare_name_share` of
+    its captions (never at 0) and shares no word piece with its other words; no class's words use another
+    class's name; the words are drawn with the table's probabilities."""
+    recipe = dataclasses.replace(pretrain.Recipe(), rare_name_share=share)
+    words = pretrain.caption_words(FASHION_MNIST_CLASSES, recipe)
+    tokens, word_cdf, width = pretrain.caption_table(FASHION_MNIST_CLASSES, recipe, tiny_clip.tokenizer)
     assert tokens.shape[0] == len(FASHION_MNIST_CLASSES) * width * len(pretrain.TEMPLATES)
-    assert n_words.tolist() == [5 if c in recipe.known_names else 4 for c in FASHION_MNIST_CLASSES]
-    for c in FASHION_MNIST_CLASSES:
-        own = word_pieces(tiny_clip.tokenizer, c)
-        words = set().union(*(word_pieces(tiny_clip.tokenizer, w) for w in pretrain.SYNONYMS[c]))
-        if c not in recipe.known_names:
-            assert not own & words, (c, own & words)
+    y = torch.arange(len(FASHION_MNIST_CLASSES)).repeat_interleave(20000)
+    drawn = pretrain.draw_words(word_cdf, y, torch.Generator().manual_seed(0)).view(len(FASHION_MNIST_CLASSES), -1)
+    for c, (name, table) in enumerate(zip(FASHION_MNIST_CLASSES, words)):
+        probs = dict(table)
+        assert sum(probs.values()) == pytest.approx(1.0)
+        assert probs.get(name, 0.0) == pytest.approx(0.2 if name in recipe.known_names else share)
+        freq = torch.bincount(drawn[c], minlength=width)[: len(table)].double() / drawn.shape[1]
+        assert torch.allclose(freq, torch.tensor([p for _, p in table], dtype=torch.float64), atol=0.01), name
+        own = word_pieces(tiny_clip.tokenizer, name)
+        others = set().union(*(word_pieces(tiny_clip.tokenizer, w) for w in pretrain.SYNONYMS[name]))
+        if name not in recipe.known_names:
+            assert not own & others, (name, own & others)
         for other in FASHION_MNIST_CLASSES:
-            if other != c:
-                assert not word_pieces(tiny_clip.tokenizer, other) & words, (c, other)
+            if other != name:
+                assert not word_pieces(tiny_clip.tokenizer, other) & others, (name, other)
 
 
 def test_cut_caption_encoding_equals_open_clip(tiny_clip):
@@ -102,4 +111,4 @@ def test_cli_refuses_a_changed_recipe_without_out():
     p = subprocess.run([sys.executable, "-m", "rsnl.pretrain", "--steps", "5"], capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 2 and p.stderr.count("\n") == 1
-    assert "rsnl: error: --steps/--seed change the recipe: give --out" in p.stderr
+    assert "rsnl: error: --steps/--seed/--recipe change the recipe: give --out" in p.stderr

@@ -1,0 +1,89 @@
+"""The test-bed's regime figures: what a stand-in VLM is calibrated on, baseline behaviour only.
+
+A stand-in stands in for CLIP RN50 on DTD, so it should meet DTD's regime: a weak zero-shot prompt,
+few-shot CoOp well above it, CoOp hurt by label noise about as much as on DTD, and a linear probe on
+the frozen image features about level with CoOp. The noisy-label methods' own results are never
+among these figures: they are what the test-bed then measures (docs/testbed.md).
+
+    from rsnl.regime import regime_figures, regime_lines
+    print("\\n".join(regime_lines(regime_figures(cfg, clip, bank, seeds=(1, 2, 3, 4, 5)))))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from rsnl.config import TrialConfig
+
+COOP = {"blocks": 1, "selector": "none", "loss": "ce"}  # rsnl/configs/methods/coop.yaml
+NOISE = 0.5  # the regime's noisy point: 50 % ptnl noise
+
+
+@dataclass
+class Regime:
+    zeroshot: float               # test accuracy of "a photo of a {class}.", %
+    coop_clean: list[float]       # 16-shot CoOp at 0 % noise, last-epoch test accuracy per seed, %
+    coop_noisy: list[float]       # the same at 50 % ptnl noise, same seeds
+    probe: list[float]            # logistic regression on the frozen image features, 0 % noise, per seed
+    seeds: tuple
+
+    @property
+    def coop_loss(self) -> np.ndarray:
+        """Per seed: CoOp's accuracy at 0 % minus at 50 % noise (paired by seed)."""
+        return np.asarray(self.coop_clean) - np.asarray(self.coop_noisy)
+
+
+# (figure, DTD with CLIP RN50 (CoOp's and PTNL's papers), target, test)
+TARGETS = (
+    ("zero-shot (%)", "42.3", "40-55", lambda r: 40 <= r.zeroshot <= 55),
+    ("CoOp at 0 % minus zero-shot (points)", "+20.6", ">= +15", lambda r: np.mean(r.coop_clean) - r.zeroshot >= 15),
+    ("CoOp's loss, 0 -> 50 % ptnl noise (points)", "16.7", "14-20", lambda r: 14 <= r.coop_loss.mean() <= 20),
+    ("  its spread over seeds (std, points)", "-", "<= 5", lambda r: len(r.seeds) < 2 or r.coop_loss.std(ddof=1) <= 5),
+    ("linear probe minus CoOp at 0 % (points)", "about 0", "within 5",
+     lambda r: abs(np.mean(r.probe) - np.mean(r.coop_clean)) <= 5),
+)
+
+
+def linear_probe(cfg: TrialConfig, bank, seed: int) -> float:
+    """Test accuracy (%) of a logistic regression on the frozen image features of the trial's clean
+    few-shot sample (scikit-learn's default L2 strength, C = 1), as CLIP's linear-probe baseline."""
+    from sklearn.linear_model import LogisticRegression
+    from rsnl.inputs import trial_data
+    data = trial_data(cfg.replace(noise_rate=0.0, seed=seed), bank)
+    probe = LogisticRegression(C=1.0, max_iter=5000).fit(data.train.float().numpy(), data.sample.labels)
+    return 100.0 * float((probe.predict(data.test.float().numpy()) == data.test_labels).mean())
+
+
+def regime_figures(cfg: TrialConfig, clip, bank, seeds=(1, 2, 3, 4, 5), log=None) -> Regime:
+    """Every figure on the test-bed's protocol `cfg` (its trainer settings), CoOp on each seed's draw."""
+    from rsnl.trainer import build_trainer
+    from rsnl.zeroshot import zeroshot_accuracy
+
+    def coop(rate: float, seed: int) -> float:
+        acc = build_trainer(cfg.replace(noise_rate=rate, seed=seed, noise_type="ptnl", **COOP), clip, bank).run()
+        if log is not None:
+            log(f"[rsnl] CoOp at {rate:.0%} noise, seed {seed}: {acc[-1]['test_acc']:.2f}%")
+        return acc[-1]["test_acc"]
+    zeroshot = zeroshot_accuracy(bank.test, bank.zeroshot_text, bank.test_labels)
+    return Regime(zeroshot=zeroshot, coop_clean=[coop(0.0, s) for s in seeds],
+                  coop_noisy=[coop(NOISE, s) for s in seeds], probe=[linear_probe(cfg, bank, s) for s in seeds],
+                  seeds=tuple(seeds))
+
+
+def regime_lines(r: Regime) -> list[str]:
+    """The figures beside DTD's and the targets, one line each, marked met or not."""
+    clean, noisy, loss = np.mean(r.coop_clean), np.mean(r.coop_noisy), r.coop_loss
+    sd = loss.std(ddof=1) if len(loss) > 1 else float("nan")
+    values = (f"{r.zeroshot:.2f}", f"{clean - r.zeroshot:+.2f} (CoOp {clean:.2f})",
+              f"{loss.mean():.2f} (CoOp at 50 %: {noisy:.2f}; per seed {', '.join(f'{x:.1f}' for x in loss)})",
+              f"{sd:.2f}", f"{np.mean(r.probe) - clean:+.2f} (probe {np.mean(r.probe):.2f})")
+    lines = [f"[rsnl] regime over seeds {', '.join(map(str, r.seeds))} (DTD with CLIP RN50 | target | here):"]
+    for (name, dtd, target, test), value in zip(TARGETS, values):
+        lines.append(f"  {'ok ' if test(r) else 'OFF'} {name:44s} {dtd:>8s} | {target:>8s} | {value}")
+    return lines
+
+
+def meets_targets(r: Regime) -> bool:
+    return all(test(r) for *_, test in TARGETS)
