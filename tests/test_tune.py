@@ -90,11 +90,19 @@ def test_presets_parse_and_describe_themselves():
     assert {v["name"] for v in ablation.variants} >= {"coop", "gce", "rsnl-m6", "nlprompt"}
     search = load_study(preset="dtd-search")
     assert search.kind == "optuna" and len(search.group_members) == 9 and search.metric == "val_acc"
-    # the test-bed's presets mirror DTD's: the same methods, noise rates, seeds and search space
+    # the test-bed's presets mirror DTD's: the same methods, noise rates and search space; ten seeds
     fm = load_study(preset="fmnist-ablation")
-    assert fm.num_trials() * len(fm.group_members) == 7 * 4 * 3 and fm.variants == ablation.variants
+    assert fm.num_trials() * len(fm.group_members) == 7 * 4 * 10 and fm.variants == ablation.variants
     assert sorted(fm.group["noise_rate"]) == sorted(ablation.params["noise_rate"]["grid"])
-    assert fm.group["seed"] == ablation.params["seed"]["grid"]
+    assert fm.group["seed"] == list(range(1, 11))
+    assert fm.pairs == [["rsnl-m2", "rsnl-m1"], ["rsnl-m4", "rsnl-m1"], ["rsnl-m6", "rsnl-m1"]]
+    sym = load_study(preset="fmnist-symmetric")
+    assert sym.trial == {**fm.trial, "noise_type": "symmetric"} and sym.variants == fm.variants
+    assert sym.group == {"noise_rate": [0.125, 0.25, 0.5], "seed": fm.group["seed"]}
+    alpha = load_study(preset="fmnist-alpha")
+    assert {v["name"]: v.get("alpha_base") for v in alpha.variants} == {
+        "coop": None, "feature-only": 0.0, "blend": 0.2, "prompt-only": 1.0}
+    assert alpha.pairs == [["feature-only", "blend"], ["prompt-only", "blend"]]
     fs = load_study(preset="fmnist-search")
     assert (fs.params, fs.group, fs.metric, fs.num_samples) == (search.params, search.group, search.metric,
                                                                  search.num_samples)
