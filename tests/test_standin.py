@@ -5,8 +5,6 @@ and checked in test_method.py; here short recipes run the same code.
 """
 
 import dataclasses
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -107,8 +105,15 @@ def test_tag_belongs_to_rsnl_tiny_only():
     assert "fashion-mnist (rsnl's stand-in VLM" in str(e.value)
 
 
-def test_cli_refuses_a_changed_recipe_without_out():
-    p = subprocess.run([sys.executable, "-m", "rsnl.pretrain", "--steps", "5"], capture_output=True, text=True,
-                       timeout=120)
-    assert p.returncode == 2 and p.stderr.count("\n") == 1
-    assert "rsnl: error: --steps/--seed/--recipe change the recipe: give --out" in p.stderr
+@pytest.mark.parametrize("args, message", [
+    (["--seeds", "1,x"], "--seeds: '1,x' is not a comma-separated list of seeds"),
+    (["--recipe", "steps=5"], "--steps/--seed/--recipe change the recipe: give --out"),
+    (["--recipe", "known_names=Bag", "--out", "x.safetensors"], "--recipe: 'known_names=Bag' is not KEY=VALUE"),
+    (["--backbone", "RN50"], "--backbone: the tag 'fashion-mnist' exists for rsnl-tiny"),
+])
+def test_cli_bad_input_is_one_line_before_any_model(args, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("RSNL_CACHE", str(tmp_path))  # nothing may be built there
+    assert pretrain.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert not any(tmp_path.iterdir())
