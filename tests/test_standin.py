@@ -5,6 +5,7 @@ and checked in test_method.py; here short recipes run the same code.
 """
 
 import dataclasses
+import functools
 
 import numpy as np
 import pytest
@@ -21,10 +22,15 @@ needs_data = pytest.mark.skipif(
 SHORT = dataclasses.replace(pretrain.Recipe(), steps=3, batch_size=32)
 
 
+@functools.lru_cache(maxsize=1)
+def simple_tokenizer():
+    from open_clip.tokenizer import SimpleTokenizer
+    return SimpleTokenizer()  # reads its BPE merges: a second or so each time
+
+
 def word_pieces(tokenizer, text: str) -> set[str]:
     """The tokenizer's pieces of `text` with 3+ letters (punctuation and 't' carry no class meaning)."""
-    from open_clip.tokenizer import SimpleTokenizer
-    st = SimpleTokenizer()
+    st = simple_tokenizer()
     return {p for p in (st.decoder[i].replace("</w>", "") for i in st.encode(text)) if len(p) >= 3}
 
 
