@@ -12,13 +12,14 @@ among these figures: they are what the test-bed then measures (docs/testbed.md).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from rsnl.config import TrialConfig
 
-COOP = {"blocks": 1, "selector": "none", "loss": "ce"}  # rsnl/configs/methods/coop.yaml
 NOISE = 0.5  # the regime's noisy point: 50 % ptnl noise
+METHODS = Path(__file__).parent / "configs" / "methods"  # CoOp: coop.yaml
 
 
 @dataclass
@@ -56,19 +57,22 @@ def linear_probe(cfg: TrialConfig, bank, seed: int) -> float:
     return 100.0 * float((probe.predict(data.test.float().numpy()) == data.test_labels).mean())
 
 
-def regime_figures(cfg: TrialConfig, clip, bank, seeds=(1, 2, 3, 4, 5), log=None) -> Regime:
-    """Every figure on the test-bed's protocol `cfg` (its trainer settings), CoOp on each seed's draw."""
+def regime_figures(cfg: TrialConfig, clip, bank, seeds=(1, 2, 3, 4, 5)) -> Regime:
+    """Every figure on the test-bed's protocol `cfg` (its trainer settings), CoOp on each seed's draw (the
+    runs trained side by side: the same numbers as one at a time)."""
+    from rsnl.config import load_yaml
+    from rsnl.members import run_side_by_side
     from rsnl.trainer import build_trainer
     from rsnl.zeroshot import zeroshot_accuracy
 
-    def coop(rate: float, seed: int) -> float:
-        acc = build_trainer(cfg.replace(noise_rate=rate, seed=seed, noise_type="ptnl", **COOP), clip, bank).run()
-        if log is not None:
-            log(f"[rsnl] CoOp at {rate:.0%} noise, seed {seed}: {acc[-1]['test_acc']:.2f}%")
-        return acc[-1]["test_acc"]
+    coop = load_yaml(METHODS / "coop.yaml")
+    runs = [(rate, s) for rate in (0.0, NOISE) for s in seeds]
+    histories = run_side_by_side([build_trainer(cfg.replace(noise_rate=rate, seed=s, noise_type="ptnl", **coop),
+                                                clip, bank) for rate, s in runs])
+    last = {run: h[-1]["test_acc"] for run, h in zip(runs, histories)}
     zeroshot = zeroshot_accuracy(bank.test, bank.zeroshot_text, bank.test_labels)
-    return Regime(zeroshot=zeroshot, coop_clean=[coop(0.0, s) for s in seeds],
-                  coop_noisy=[coop(NOISE, s) for s in seeds], probe=[linear_probe(cfg, bank, s) for s in seeds],
+    return Regime(zeroshot=zeroshot, coop_clean=[last[0.0, s] for s in seeds],
+                  coop_noisy=[last[NOISE, s] for s in seeds], probe=[linear_probe(cfg, bank, s) for s in seeds],
                   seeds=tuple(seeds))
 
 

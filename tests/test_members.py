@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rsnl.members import (chunked, plan_groups, side_by_side_groups, splitting_keys, stacked_text_features,
-                          step_bytes, step_together, train_side_by_side)
+                          run_side_by_side, step_bytes, step_together, train_side_by_side)
 from rsnl.models import ensemble_logits
 from rsnl.trainer import build_trainer
 
@@ -127,8 +127,7 @@ def test_resume_side_by_side_continues_exactly_and_across_modes(digits_inputs):
     resumed = members(digits_inputs, names, epochs=4)
     for n, t in resumed.items():
         t.load_state_dict(part[n].state_dict())
-    while not all(t.done for t in resumed.values()):
-        train_side_by_side(list(resumed.values()))
+    run_side_by_side(list(resumed.values()))
     for n in names:
         assert torch.equal(resumed[n].prompts.ctx, full[n].prompts.ctx)
         without_time = lambda h: [{k: v for k, v in m.items() if k != "epoch_seconds"} for m in h]  # noqa: E731
@@ -141,8 +140,7 @@ def test_resume_side_by_side_continues_exactly_and_across_modes(digits_inputs):
     crossed = members(digits_inputs, names, epochs=4)
     for n, t in crossed.items():
         t.load_state_dict(alone[n].state_dict())
-    while not all(t.done for t in crossed.values()):
-        train_side_by_side(list(crossed.values()))
+    run_side_by_side(list(crossed.values()))
     for n in names:
         same_history(crossed[n].history, full[n].history)
         close(crossed[n].prompts.ctx, full[n].prompts.ctx)
