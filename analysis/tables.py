@@ -244,6 +244,19 @@ def paired_differences(df: pd.DataFrame, metric: str = "test_acc", baseline: str
     return pairs.assign(diff=pairs[metric] - pairs["base"])[["method", "noise_rate", "seed", "diff"]]
 
 
+def t_halfwidth(sd: float, n: int, confidence: float = 0.95) -> float:
+    """Half the width of the t-interval of a mean of n values with sample std sd (n - 1 degrees of freedom)."""
+    from scipy import stats as st
+    return float(st.t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n))
+
+
+def paired_interval(diffs, confidence: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high) of paired differences: their mean and its t-interval (at least two pairs)."""
+    x = np.asarray(diffs, dtype=float)
+    half = t_halfwidth(x.std(ddof=1), len(x), confidence)
+    return float(x.mean()), float(x.mean()) - half, float(x.mean()) + half
+
+
 def seeds_to_resolve(mean: float, sd: float, confidence: float = 0.95, cap: int = 10_000) -> int:
     """The fewest pairs whose t-interval would exclude 0 if the differences kept this mean and spread
     (cap + 1 when even `cap` would not)."""
@@ -252,7 +265,7 @@ def seeds_to_resolve(mean: float, sd: float, confidence: float = 0.95, cap: int 
         return cap + 1
 
     def excludes(n: int) -> bool:
-        return st.t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n) < abs(mean)
+        return t_halfwidth(sd, n, confidence) < abs(mean)
     z = st.norm.ppf(0.5 + confidence / 2)
     n = int(min(max(2, (z * sd / abs(mean)) ** 2), cap))  # the normal approximation, a little low
     while n <= cap and not excludes(n):
@@ -267,7 +280,6 @@ def paired_table(df: pd.DataFrame, metric: str = "test_acc", baseline: str = BAS
     """Rows: methods (default all but the baseline; or `methods`); columns: noise rates; cell: mean over
     seeds of (method - baseline) at the same seed, with its t-interval (n - 1 degrees of freedom), the
     number of pairs and, where the interval holds 0, about how many pairs would resolve the difference."""
-    from scipy import stats as st
     pairs = paired_differences(df, metric, baseline, methods)
     order = methods if methods is not None else method_order(df)
     rows = [m for m in order if m in set(pairs["method"])]
@@ -281,8 +293,7 @@ def paired_table(df: pd.DataFrame, metric: str = "test_acc", baseline: str = BAS
         cell = Cell(float(x.mean()), n=n, signed=True, show_n=True)
         if n > 1:
             sd = x.std(ddof=1)
-            half = float(st.t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n))
-            cell.lo, cell.hi = cell.mean - half, cell.mean + half
+            _, cell.lo, cell.hi = paired_interval(x, confidence)
             if cell.lo <= 0 <= cell.hi and sd > 0:
                 cell.need, unresolved = seeds_to_resolve(cell.mean, sd, confidence), True
         cells[(m, noise_label(rate))] = cell

@@ -20,9 +20,9 @@ method train side by side (rsnl/members.py), which gives the same numbers as one
 
 import numpy as np
 import pytest
-from scipy import stats
 
-from rsnl.members import train_side_by_side
+from analysis.tables import paired_interval
+from rsnl.members import run_side_by_side
 from rsnl.trainer import build_trainer
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -41,23 +41,11 @@ def run(inputs, **changes) -> list[dict]:
 def run_seeds(inputs, seeds=SEEDS, **changes) -> list[list[dict]]:
     """One history per seed, the seeds trained side by side."""
     cfg, clip, bank = inputs
-    trainers = [build_trainer(cfg.replace(seed=s, **changes), clip, bank) for s in seeds]
-    histories = [[] for _ in trainers]
-    while not all(t.done for t in trainers):
-        for history, metrics in zip(histories, train_side_by_side(trainers)):
-            history.append(dict(metrics))
-    return histories
+    return run_side_by_side([build_trainer(cfg.replace(seed=s, **changes), clip, bank) for s in seeds])
 
 
 def last(histories, key="test_acc") -> np.ndarray:
     return np.array([h[-1][key] for h in histories])
-
-
-def paired(a, b) -> tuple[float, float, float]:
-    """Mean of a - b over seeds and its 95 % t-interval."""
-    d = np.asarray(a) - np.asarray(b)
-    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
-    return d.mean(), d.mean() - half, d.mean() + half
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +89,7 @@ def test_epoch0_robust_similarity_separates_clean_from_noisy(noisy_runs):
 
 
 def test_robust_filter_beats_coop_under_50_percent_noise(noisy_runs):
-    mean, low, _ = paired(last(noisy_runs["m1"]), last(noisy_runs["coop"]))
+    mean, low, _ = paired_interval(last(noisy_runs["m1"]) - last(noisy_runs["coop"]))
     assert mean >= 4.0 and low > 0, (mean, low)  # measured +8.95 [+3.55, +14.34]
     # CoOp trains on every sample: its kept share and precision are the sample's
     assert all(h[-1]["kept_frac"] == 1.0 and h[-1]["select_precision"] == 0.5 for h in noisy_runs["coop"])
@@ -110,12 +98,12 @@ def test_robust_filter_beats_coop_under_50_percent_noise(noisy_runs):
 def test_more_blocks_do_not_help_on_the_testbed(noisy_runs):
     """DTD's m=6 is above m=1; here more blocks are below (docs/testbed.md says why). A change that makes
     blocks help here changes this result: then the docs' answer must change too."""
-    mean, _, high = paired(last(noisy_runs["m2"]), last(noisy_runs["m1"]))
+    mean, _, high = paired_interval(last(noisy_runs["m2"]) - last(noisy_runs["m1"]))
     assert mean <= -1.0 and high < 0, (mean, high)  # measured -2.44 [-4.69, -0.19]
 
 
 def test_the_blend_beats_the_prompt_similarity_alone(noisy_runs):
-    mean, _, high = paired(last(noisy_runs["m1-prompt"]), last(noisy_runs["m1"]))
+    mean, _, high = paired_interval(last(noisy_runs["m1-prompt"]) - last(noisy_runs["m1"]))
     assert mean <= -4.0 and high < 0, (mean, high)  # measured -9.29 [-14.18, -4.41]
     assert all(h[0]["alpha"] == 1.0 for h in noisy_runs["m1-prompt"])
 
