@@ -303,19 +303,23 @@ def parse_seeds(text: str) -> tuple[int, ...]:
 
 def parse_recipe(items: list[str]) -> dict:
     """--recipe KEY=VALUE pairs as Recipe fields of the right type."""
+    from rsnl.config import parse_overrides
     from rsnl.errors import ConfigError
-    fields = {f.name: f for f in dataclasses.fields(Recipe)}
+    fields = {f.name: f for f in dataclasses.fields(Recipe) if f.name not in ("dataset", "known_names")}
     out = {}
     for item in items:
-        key, sep, text = item.partition("=")
-        if not sep or key not in fields or key in ("dataset", "known_names"):
-            allowed = ", ".join(k for k in fields if k not in ("dataset", "known_names"))
-            raise ConfigError(f"--recipe: {item!r} is not KEY=VALUE with KEY one of {allowed}")
-        kind = int if key in ("steps", "batch_size", "seed") else float
-        try:
-            out[key] = None if text.lower() == "none" and key == "final_logit_scale" else kind(text)
-        except ValueError:
-            raise ConfigError(f"--recipe: {key} takes a number, got {text!r}") from None
+        key = item.partition("=")[0]
+        if "=" not in item or key not in fields:
+            raise ConfigError(f"--recipe: {item!r} is not KEY=VALUE with KEY one of {', '.join(fields)}")
+        value = parse_overrides([item])[key]
+        kind = int if fields[key].type == "int" else float
+        numeric = isinstance(value, int) or (kind is float and isinstance(value, float))
+        if key == "final_logit_scale" and str(value).lower() in ("none", "null"):
+            out[key] = None  # the learned temperature
+        elif numeric and not isinstance(value, bool):
+            out[key] = kind(value)
+        else:
+            raise ConfigError(f"--recipe: {key} takes {'an integer' if kind is int else 'a number'}, got {value!r}")
     return out
 
 
