@@ -106,13 +106,7 @@ def curves(df: pd.DataFrame, noise_rate: float) -> Figure:
                 ax.fill_between(g.index, lo, hi, color=col[m], alpha=0.18, lw=0)
         if key == "test_acc" and "zeroshot_acc" in d and d["zeroshot_acc"].notna().any():
             ax.axhline(d["zeroshot_acc"].mean(), color="0.35", ls="--", lw=1.2, label=ZEROSHOT)
-        ax.set_title(title, fontsize=11)
-        ax.set_xlabel("epoch (0-indexed)")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel(unit)
-        ax.grid(alpha=0.3)
-        if not ax.has_data():
-            ax.text(0.5, 0.5, "not reported", ha="center", va="center", transform=ax.transAxes)
+        _epoch_axis(ax, title, unit, "not reported")
     n = d.groupby("method")["run"].nunique()
     handles, labels = axes.flat[0].get_legend_handles_labels()
     labels = [m if m == ZEROSHOT else f"{m} (n={n.get(m, 0)})" for m in labels]
@@ -123,6 +117,17 @@ def curves(df: pd.DataFrame, noise_rate: float) -> Figure:
                  f"(mean ± std over seeds)", fontsize=13)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     return fig
+
+
+def _epoch_axis(ax, title: str, unit: str, empty: str) -> None:
+    """A per-epoch panel's title, axes and grid; `empty` is written where no method drew anything."""
+    ax.set_title(title, fontsize=11)
+    ax.set_xlabel("epoch (0-indexed)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(unit)
+    ax.grid(alpha=0.3)
+    if not ax.has_data():
+        ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes)
 
 
 # (metric, panel title, y label); the feature similarity's AUROC is drawn in the prompt panel, where the two
@@ -156,14 +161,7 @@ def diagnostics(df: pd.DataFrame, noise_rate: float) -> Figure:
                 f = dm.groupby("epoch")["feature_auroc"].mean()
                 if f.notna().any():
                     ax.plot(f.index, f.values, color=col[m], lw=1.4, ls=":")
-        ax.set_title(title, fontsize=11)
-        ax.set_xlabel("epoch (0-indexed)")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel(unit)
-        ax.grid(alpha=0.3)
-        if not ax.has_data():
-            ax.text(0.5, 0.5, "not reported (no noise, or one block)", ha="center", va="center",
-                    transform=ax.transAxes)
+        _epoch_axis(ax, title, unit, "not reported (no noise, or one block)")
     axes[1].plot([], [], color="0.3", lw=1.8, label="prompt similarity")
     axes[1].plot([], [], color="0.3", lw=1.4, ls=":", label="feature similarity")
     axes[1].legend(fontsize=9, loc="lower right")

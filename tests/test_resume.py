@@ -91,6 +91,14 @@ def test_a_search_killed_while_checkpointing_resumes_from_a_moved_folder_running
 
 # --- Tune's run state damaged: rebuilt from rsnl's record (tune/resume.py) ---------------------------
 
+def done_failed_kept(exp: Path, name: str):
+    """The record's finished and failed trial of a two-trial study, and the finished one's result.json."""
+    trials = record(exp, name)
+    done = next(t for t in trials if t.state.name == "COMPLETE")
+    failed = next(t for t in trials if t.state.name == "FAIL")
+    return done, failed, (exp / done.user_attrs["trial_folder"] / "result.json").read_bytes()
+
+
 def trial_results(exp: Path) -> dict[str, bytes]:
     return {d.name: (d / "result.json").read_bytes() for d in exp.iterdir() if (d / "result.json").is_file()}
 
@@ -128,9 +136,7 @@ def test_a_partial_run_state_is_rebuilt_from_the_record_without_running_a_finish
     with fail_once_at(1, tmp_path / "fault"):
         run(values)
     exp = tmp_path / "st" / "partial"
-    done = next(t for t in record(exp, "partial") if t.state.name == "COMPLETE")
-    failed = next(t for t in record(exp, "partial") if t.state.name == "FAIL")
-    kept = (exp / done.user_attrs["trial_folder"] / "result.json").read_bytes()
+    done, failed, kept = done_failed_kept(exp, "partial")
     state = sorted(exp.glob("experiment_state-*.json"))[-1]
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
     said = []
@@ -165,9 +171,7 @@ def test_a_search_with_a_missing_run_state_is_rebuilt_with_the_sampler_told_the_
     with fail_once_at(1, tmp_path / "fault"):
         run(values)
     exp = tmp_path / "st" / "search"
-    done = next(t for t in record(exp, "search") if t.state.name == "COMPLETE")
-    failed = next(t for t in record(exp, "search") if t.state.name == "FAIL")
-    kept = (exp / done.user_attrs["trial_folder"] / "result.json").read_bytes()
+    done, failed, kept = done_failed_kept(exp, "search")
     for state in exp.glob("experiment_state-*.json"):
         state.unlink()
     said = []
