@@ -85,7 +85,9 @@ class Recipe:
 
 
 # (backbone, pretrained tag) -> the recipe of that stand-in
-STANDINS: dict[tuple[str, str], Recipe] = {("rsnl-tiny", "fashion-mnist"): Recipe()}
+# rsnl-t4x128: rsnl-tiny's vision tower with a 4-layer, 128-wide text tower (text capacity as an axis)
+STANDINS: dict[tuple[str, str], Recipe] = {("rsnl-tiny", "fashion-mnist"): Recipe(),
+                                           ("rsnl-t4x128", "fashion-mnist"): Recipe()}
 
 
 def is_standin(backbone: str, tag: str | None) -> bool:
@@ -328,7 +330,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m rsnl.pretrain",
                                 description="Build rsnl's stand-in VLM (contrastive pretraining on Fashion-MNIST's "
                                             "pretraining partition) and print the figures it is calibrated on: "
-                                            "zero-shot accuracy, 16-shot CoOp at 0 and 50 %% ptnl noise, a linear probe.")
+                                            "zero-shot accuracy, 16-shot CoOp at 0 and 50 % ptnl noise, a linear probe.")
     p.add_argument("--backbone", default="rsnl-tiny",
                    help=f"open_clip architecture (default rsnl-tiny; stand-ins: {', '.join(b for b, _ in STANDINS)})")
     p.add_argument("--tag", default="fashion-mnist", choices=tags, help="the recipe of a pretrained tag")

@@ -79,16 +79,17 @@ def test_pretraining_pixels_equal_the_models_preprocess(tiny_clip):
 
 
 @needs_data
-def test_same_recipe_gives_the_same_file_bytes(tmp_path):
+@pytest.mark.parametrize("backbone", sorted({b for b, _ in pretrain.STANDINS}))
+def test_same_recipe_gives_the_same_file_bytes(tmp_path, backbone):
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
-    pretrain.pretrain("rsnl-tiny", SHORT, a, progress=False)
-    pretrain.pretrain("rsnl-tiny", SHORT, b, progress=False)
+    pretrain.pretrain(backbone, SHORT, a, progress=False)
+    pretrain.pretrain(backbone, SHORT, b, progress=False)
     assert a.read_bytes() == b.read_bytes()
-    pretrain.pretrain("rsnl-tiny", dataclasses.replace(SHORT, seed=SHORT.seed + 1), b, progress=False)
+    pretrain.pretrain(backbone, dataclasses.replace(SHORT, seed=SHORT.seed + 1), b, progress=False)
     assert a.read_bytes() != b.read_bytes()
     # it loads through the same path as a user's checkpoint file, and is no longer the random init
-    trained = load_clip("rsnl-tiny", str(a)).model.state_dict()
-    random = load_clip("rsnl-tiny", None).model.state_dict()
+    trained = load_clip(backbone, str(a)).model.state_dict()
+    random = load_clip(backbone, None).model.state_dict()
     assert any(not torch.equal(trained[k], random[k]) for k in trained)
 
 
@@ -100,12 +101,14 @@ def test_recipe_digest_names_the_file():
     assert str(path) == f"/c/standin/rsnl-tiny-fashion-mnist-{r.digest('rsnl-tiny')}.safetensors"
 
 
-def test_tag_belongs_to_rsnl_tiny_only():
+def test_tag_belongs_to_the_standin_backbones_only():
     check_backbone("rsnl-tiny", "fashion-mnist")  # cheap: nothing is built by a check
+    check_backbone("rsnl-t4x128", "fashion-mnist")
     with pytest.raises(ModelError) as e:
         load_clip("RN50", "fashion-mnist")
     msg = str(e.value)
-    assert "\n" not in msg and "'fashion-mnist' is not a tag of RN50" in msg and "exists for rsnl-tiny" in msg
+    assert "\n" not in msg and "'fashion-mnist' is not a tag of RN50" in msg
+    assert "exists for rsnl-tiny, rsnl-t4x128" in msg
     with pytest.raises(ModelError) as e:
         load_clip("rsnl-tiny", "fashion-mnsit")
     assert "fashion-mnist (rsnl's stand-in VLM" in str(e.value)
