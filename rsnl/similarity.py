@@ -146,11 +146,14 @@ def clean_auroc(scores, is_noisy) -> float:
     clean = ~np.asarray(is_noisy, dtype=bool)
     if not (clean.any() and (~clean).any()):
         return float("nan")
-    from sklearn.metrics import roc_auc_score
-    scores = np.asarray(scores)
+    from scipy.stats import rankdata
+    scores = np.asarray(scores, dtype=np.float64)
     _check_finite(scores, "AUROC scores")
-    with sklearn_unchecked():
-        return float(roc_auc_score(clean, scores))
+    # Mann-Whitney U over average ranks (ties count half): sklearn's roc_auc_score exactly, without its
+    # ~9 ms of per-call overhead, which was a tenth of a robust run (two calls per epoch)
+    n_clean, n_noisy = int(clean.sum()), int((~clean).sum())
+    u = rankdata(scores)[clean].sum() - n_clean * (n_clean + 1) / 2
+    return float(u / (n_clean * n_noisy))
 
 
 def block_cosine(text_features: torch.Tensor) -> float:

@@ -259,3 +259,13 @@ def test_clean_auroc_ranks_clean_above_noisy_and_is_nan_without_both():
     assert clean_auroc([0.0, 1.0, 2.0, 3.0], noisy) == 0.0
     assert clean_auroc([1.0, 0.0, 1.0, 0.0], noisy) == 0.5
     assert math.isnan(clean_auroc([1.0, 2.0], np.array([False, False])))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_clean_auroc_equals_sklearn_with_ties(seed):
+    from sklearn.metrics import roc_auc_score
+    from rsnl.similarity import clean_auroc
+    rng = np.random.default_rng(seed)
+    noisy = rng.random(160) < 0.5
+    scores = np.round(rng.standard_normal(160) + (~noisy), 1)  # rounded: many ties
+    assert clean_auroc(scores, noisy) == pytest.approx(roc_auc_score(~noisy, scores), abs=1e-12)
