@@ -432,3 +432,28 @@ def test_each_epoch_reports_both_sides_of_g_and_the_blocks_cosine(digits_inputs)
     assert history[0]["block_cosine"] == pytest.approx(block_cosine(text0))
     assert history[1]["block_cosine"] != history[0]["block_cosine"], "the prompts moved"
     assert math.isnan(trainer(digits_inputs, blocks=1, epochs=1).run()[0]["block_cosine"])
+
+
+def test_m_identical_blocks_at_m_times_the_lr_train_exactly_like_one_block(digits_inputs):
+    """Why more blocks learn more slowly: the loss is on the mean of the block logits, so each block gets
+    1/m of the gradient. m identical blocks at m times the lr (warm-up lr too; no weight decay, which the
+    mean does not scale) take the steps of one block: they stay identical and every metric matches."""
+    cfg = digits_inputs[0]
+    same = dict(selector="none", loss="ce", weight_decay=0.0, epochs=3)
+    one = trainer(digits_inputs, blocks=1, **same)
+    three = trainer(digits_inputs, blocks=3, lr=3 * cfg.lr, warmup_lr=3 * cfg.warmup_lr, **same)
+    slow = trainer(digits_inputs, blocks=3, **same)
+    with torch.no_grad():
+        for t in (three, slow):
+            t.prompts.ctx.copy_(one.prompts.ctx.expand_as(t.prompts.ctx))
+    start = one.prompts.ctx[0].detach().clone()
+    h1, h3, hs = one.run(), three.run(), slow.run()
+    for a, b in zip(h1, h3):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
+        assert (b["val_acc"], b["test_acc"]) == (a["val_acc"], a["test_acc"])
+    for block in three.prompts.ctx:
+        torch.testing.assert_close(block, one.prompts.ctx[0], rtol=1e-4, atol=1e-6)
+    # at the protocol's lr the three blocks move less than half as far (a third, had the gradients not
+    # grown where they lag): the same prompt, learning slower
+    moved = lambda ctx: float((ctx.detach() - start).norm())
+    assert moved(slow.prompts.ctx[0]) < 0.5 * moved(one.prompts.ctx[0])
