@@ -13,7 +13,7 @@ What it learns from (docs/testbed.md has the calibration):
     names are rare words for CLIP. Half of the captions name a random class (web caption noise).
   * CLIP's symmetric contrastive loss, AdamW, warm-up then cosine, 500 steps of 256 pairs.
 
-It is built on first use (about a minute on 2 CPU cores) and cached under $RSNL_CACHE/standin/, in a
+It is built on first use (rsnl-tiny: 1-2 minutes on 2 CPU cores) and cached under $RSNL_CACHE/standin/, in a
 file named by a hash of the recipe, so a changed recipe never reuses an old file. The build is
 deterministic for a seed: it runs on the CPU with a fixed number of threads (the order of float
 reductions depends on it). Other CPUs may round differently; the feature cache keys the model by the
@@ -119,8 +119,8 @@ def ensure_standin(backbone: str, tag: str, cache_dir=None, log=print) -> Path:
     with locked(path):
         if not path.is_file():  # another process may have built it while we waited
             remove_stale_temps(path)  # a killed build's 13 MB; no live writer without the lock
-            log(f"[rsnl] building the stand-in VLM {backbone}/{tag} once (about a minute on 2 CPU cores) "
-                f"into {path}")
+            log(f"[rsnl] building the stand-in VLM {backbone}/{tag} once, {STANDINS[backbone, tag].steps} "
+                f"steps, into {path}")
             pretrain(backbone, STANDINS[backbone, tag], path)
     return path
 

@@ -191,7 +191,7 @@ def fashion_mnist_missing() -> str | None:
 
 @pytest.fixture(scope="session")
 def standin_cache(tmp_path_factory):
-    """A cache folder holding the real stand-in (built here once per session, about a minute) and the
+    """A cache folder holding the real stand-in (built here once per session, 1-2 minutes) and the
     test-bed's image features; skips when Fashion-MNIST is absent."""
     reason = fashion_mnist_missing()
     if reason:
