@@ -135,12 +135,12 @@ def train_side_by_side(trainers: list[Trainer]) -> list[dict]:
     return metrics
 
 
-
 def run_side_by_side(trainers: list[Trainer]) -> list[list[dict]]:
     """Trainer.run for a group: every member to its last epoch, side by side; their histories."""
     while not all(t.done for t in trainers):
         train_side_by_side([t for t in trainers if not t.done])
     return [t.history for t in trainers]
+
 
 # --- memory: chunks that fit the trial's share of its device -------------------------------------
 

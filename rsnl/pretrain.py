@@ -8,17 +8,18 @@ What it learns from (docs/testbed.md has the calibration):
   * images: the pretraining partition of Fashion-MNIST's official training set (50,000 images,
     rsnl.data.fashion_mnist_partition); the few-shot pools and the test split are never seen;
   * captions: web-like product captions ("vintage {}.", "buy this {} online.", ...). Each names the
-    image's class by one of several words. For three classes (Trouser, Dress, Bag) the dataset's own
-    class name is one of those words; for the other seven it never appears, as many of DTD's texture
+    image's class by one of several words. For five classes (Recipe.known_names) the dataset's own
+    class name is one of those words; for the other five it never appears, as many of DTD's texture
     names are rare words for CLIP. Half of the captions name a random class (web caption noise).
-  * CLIP's symmetric contrastive loss, AdamW, warm-up then cosine, 500 steps of 256 pairs.
+  * CLIP's symmetric contrastive loss, AdamW, warm-up then cosine, 1,000 steps of 256 pairs.
 
-It is built on first use (rsnl-tiny: 1-2 minutes on 2 CPU cores) and cached under $RSNL_CACHE/standin/, in a
-file named by a hash of the recipe, so a changed recipe never reuses an old file. The build is
-deterministic for a seed: it runs on the CPU with a fixed number of threads (the order of float
-reductions depends on it). Other CPUs may round differently; the feature cache keys the model by the
-file's digest, so features always match the weights. Built, not shipped: the weights follow from the
-recipe, which the repository holds, and a 13 MB binary would have to be re-committed with every change.
+It is built on first use (rsnl-tiny: 1-2 minutes on 2 CPU cores; rsnl-t4x128: 3-5) and cached under
+$RSNL_CACHE/standin/, in a file named by a hash of the recipe, so a changed recipe never reuses an old
+file. The build is deterministic for a seed: it runs on the CPU with a fixed number of threads (the
+order of float reductions depends on it). Other CPUs may round differently; the feature cache keys the
+model by the file's digest, so features always match the weights. Built, not shipped: the weights follow
+from the recipe, which the repository holds, and a 13 MB binary would have to be re-committed with every
+change.
 
     python -m rsnl.pretrain                 # build (or find) the stand-in and print its zero-shot accuracy
     python -m rsnl.pretrain --out my.safetensors --steps 1000 --seed 1    # a variant, used via pretrained: my.safetensors
