@@ -29,6 +29,9 @@ class Regime:
     coop_noisy: list[float]       # the same at 50 % ptnl noise, same seeds
     probe: list[float]            # logistic regression on the frozen image features, 0 % noise, per seed
     seeds: tuple
+    # mean cosine between CoOp's class features (last epoch) per seed, at 0 and 50 % noise
+    clean_class_cosine: list[float] | None = None
+    noisy_class_cosine: list[float] | None = None
 
     @property
     def coop_loss(self) -> np.ndarray:
@@ -69,11 +72,13 @@ def regime_figures(cfg: TrialConfig, clip, bank, seeds=(1, 2, 3, 4, 5)) -> Regim
     runs = [(rate, s) for rate in (0.0, NOISE) for s in seeds]
     histories = run_side_by_side([build_trainer(cfg.replace(noise_rate=rate, seed=s, noise_type="ptnl", **coop),
                                                 clip, bank) for rate, s in runs])
-    last = {run: h[-1]["test_acc"] for run, h in zip(runs, histories)}
+    last = {run: h[-1] for run, h in zip(runs, histories)}
     zeroshot = zeroshot_accuracy(bank.test, bank.zeroshot_text, bank.test_labels)
-    return Regime(zeroshot=zeroshot, coop_clean=[last[0.0, s] for s in seeds],
-                  coop_noisy=[last[NOISE, s] for s in seeds], probe=[linear_probe(cfg, bank, s) for s in seeds],
-                  seeds=tuple(seeds))
+    return Regime(zeroshot=zeroshot, coop_clean=[last[0.0, s]["test_acc"] for s in seeds],
+                  coop_noisy=[last[NOISE, s]["test_acc"] for s in seeds],
+                  probe=[linear_probe(cfg, bank, s) for s in seeds], seeds=tuple(seeds),
+                  clean_class_cosine=[last[0.0, s]["class_cosine"] for s in seeds],
+                  noisy_class_cosine=[last[NOISE, s]["class_cosine"] for s in seeds])
 
 
 def regime_lines(r: Regime) -> list[str]:
@@ -86,6 +91,10 @@ def regime_lines(r: Regime) -> list[str]:
     lines = [f"[rsnl] regime over seeds {', '.join(map(str, r.seeds))} (DTD with CLIP RN50 | target | here):"]
     for (name, dtd, target, test), value in zip(TARGETS, values):
         lines.append(f"  {'ok ' if test(r) else 'OFF'} {name:44s} {dtd:>8s} | {target:>8s} | {value}")
+    if r.noisy_class_cosine:  # no target: it tells a seed whose CoOp no longer tells the classes apart
+        lines.append(f"      {'mean cosine between CoOp class features':44s} {'-':>8s} | {'-':>8s} | "
+                     f"{np.mean(r.clean_class_cosine):.3f} at 0 %; at 50 % per seed "
+                     f"{', '.join(f'{x:.3f}' for x in r.noisy_class_cosine)} (1: one feature for all classes)")
     return lines
 
 

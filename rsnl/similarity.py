@@ -156,6 +156,16 @@ def clean_auroc(scores, is_noisy) -> float:
     return float(u / (n_clean * n_noisy))
 
 
+def class_cosine(text_features: torch.Tensor) -> float:
+    """Mean cosine between two different classes' features of the same block (text_features [blocks, C, D],
+    L2-normalised), averaged over blocks: 1 when every class has one feature and the prompts can no longer
+    tell the classes apart (how CoOp fails on some seeds under heavy noise on the test-bed)."""
+    t = text_features.float()
+    C = t.shape[1]
+    gram = torch.einsum("bcd,bed->ce", t, t) / t.shape[0]  # [C, C] block-averaged cosines
+    return float((gram.sum() - gram.diagonal().sum()) / (C * (C - 1)))
+
+
 def block_cosine(text_features: torch.Tensor) -> float:
     """Mean cosine between two different blocks' features of the same class (text_features [blocks, C, D],
     L2-normalised): 1 when the blocks have collapsed to one prompt; NaN for a single block."""

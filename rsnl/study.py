@@ -42,7 +42,7 @@ DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "int")
 # What a trial reports every epoch (rsnl.trainer.Trainer.train_epoch; a test keeps the two in step).
 EPOCH_METRICS = ("epoch", "lr", "train_loss", "train_acc", "val_acc", "test_acc", "zeroshot_acc", "alpha",
                  "kept_frac", "select_precision", "select_recall", "noise_auroc", "feature_auroc", "prompt_auroc",
-                 "block_cosine", "ot_residual", "epoch_seconds")
+                 "block_cosine", "class_cosine", "ot_residual", "epoch_seconds")
 OBJECTIVE_METRICS = ("val_acc", "test_acc", "train_loss", "train_acc", "kept_frac", "select_precision",
                      "select_recall", "noise_auroc")
 STUDY_KEYS = ("name", "description", "storage", "trial", "search", "variants", "group", "objective", "asha",

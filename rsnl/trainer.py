@@ -25,8 +25,8 @@ from rsnl.inputs import TrialData, trial_data
 from rsnl.manifest import sha256 as manifest_sha256
 from rsnl.models import LoadedClip, PromptMatrix, ensemble_logits
 from rsnl.ot import ot_plan, ot_selection
-from rsnl.similarity import (alpha_schedule, block_cosine, clean_auroc, feature_similarity, prompt_similarity,
-                             robust_similarity, select_clean, selection_metrics)
+from rsnl.similarity import (alpha_schedule, block_cosine, class_cosine, clean_auroc, feature_similarity,
+                             prompt_similarity, robust_similarity, select_clean, selection_metrics)
 from rsnl.zeroshot import zeroshot_accuracy
 
 # keys that may differ between a checkpoint and the run that continues it (where, not what, it computes)
@@ -233,6 +233,7 @@ class Trainer:
             "train_acc": 100.0 * int(run.correct) / max(run.seen, 1),
             "val_acc": self.accuracy(self.val_f, self.data.val_sample.labels, text),
             "test_acc": self.accuracy(self.test_f, self.data.test_labels, text),
+            "class_cosine": class_cosine(text),
             "zeroshot_acc": self.zeroshot_acc,
             "alpha": selection["alpha"],
             **selection_metrics(selection["keep"], self.data.sample.is_noisy, selection["score"]),

@@ -71,11 +71,13 @@ def test_regime_figures_are_the_runs_they_summarise(testbed_inputs):
     r = regime_figures(cfg, clip, bank, seeds=(1, 2))
     noisy = run_seeds(testbed_inputs, seeds=(1, 2), noise_rate=0.5, **COOP)
     assert r.coop_noisy == pytest.approx(list(last(noisy)), abs=1e-9)
+    assert r.noisy_class_cosine == pytest.approx(list(last(noisy, "class_cosine")), abs=1e-9)
     assert list(r.coop_loss) == pytest.approx([c - n for c, n in zip(r.coop_clean, r.coop_noisy)])
     assert all(abs(p - 80.0) <= 2.0 for p in r.probe), r.probe
     lines = regime_lines(r)
-    assert len(lines) == 1 + len(TARGETS) and "seeds 1, 2" in lines[0]
-    assert [line.split()[0] for line in lines[1:]] == ["ok" if test(r) else "OFF" for *_, test in TARGETS]
+    assert len(lines) == 2 + len(TARGETS) and "seeds 1, 2" in lines[0]
+    assert [line.split()[0] for line in lines[1:-1]] == ["ok" if test(r) else "OFF" for *_, test in TARGETS]
+    assert lines[-1].endswith(f"{r.noisy_class_cosine[1]:.3f} (1: one feature for all classes)")
     assert lines[1].split()[0] == "ok" and f"{r.zeroshot:.2f}" in lines[1]
 
 

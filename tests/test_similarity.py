@@ -252,6 +252,17 @@ def test_block_cosine_is_one_for_identical_blocks_zero_for_orthogonal_and_nan_fo
     assert block_cosine(flipped) == pytest.approx(-1.0)
 
 
+def test_class_cosine_is_one_when_the_classes_share_a_feature_and_zero_when_orthogonal():
+    from rsnl.similarity import class_cosine
+    eye = torch.eye(8)
+    assert class_cosine(eye[:5].unsqueeze(0)) == pytest.approx(0.0)
+    assert class_cosine(eye[:1].expand(2, 5, 8)) == pytest.approx(1.0)
+    t = torch.nn.functional.normalize(torch.randn(3, 5, 8), dim=-1)
+    per_block = [((t[b] @ t[b].T).sum() - 5) / 20 for b in range(3)]  # off-diagonal mean of each block
+    assert class_cosine(t) == pytest.approx(float(sum(per_block) / 3), abs=1e-6)
+    assert class_cosine(torch.stack([eye[:5], eye[:1].expand(5, 8)])) == pytest.approx(0.5)  # blocks averaged
+
+
 def test_clean_auroc_ranks_clean_above_noisy_and_is_nan_without_both():
     from rsnl.similarity import clean_auroc
     noisy = np.array([False, False, True, True])

@@ -418,7 +418,7 @@ def test_original_schedule_indexing(digits_inputs):
 
 
 def test_each_epoch_reports_both_sides_of_g_and_the_blocks_cosine(digits_inputs):
-    from rsnl.similarity import block_cosine, clean_auroc, feature_similarity, prompt_similarity
+    from rsnl.similarity import block_cosine, class_cosine, clean_auroc, feature_similarity, prompt_similarity
     tr = trainer(digits_inputs, blocks=3, epochs=2, warmup_epochs=0, lr=0.05)
     sample = tr.data.sample
     text0 = tr.prompts.text_features().detach()
@@ -432,6 +432,9 @@ def test_each_epoch_reports_both_sides_of_g_and_the_blocks_cosine(digits_inputs)
     assert history[0]["block_cosine"] == pytest.approx(block_cosine(text0))
     assert history[1]["block_cosine"] != history[0]["block_cosine"], "the prompts moved"
     assert math.isnan(trainer(digits_inputs, blocks=1, epochs=1).run()[0]["block_cosine"])
+    # the classes' cosine is read after the epoch's steps, from the features the accuracies use
+    assert history[-1]["class_cosine"] == pytest.approx(class_cosine(tr.prompts.text_features().detach()))
+    assert history[0]["class_cosine"] != pytest.approx(class_cosine(text0), abs=1e-9), "read after the steps"
 
 
 def test_m_identical_blocks_at_m_times_the_lr_train_exactly_like_one_block(digits_inputs):
