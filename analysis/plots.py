@@ -134,19 +134,21 @@ def _epoch_axis(ax, title: str, unit: str, empty: str) -> None:
 # sides of G meet
 DIAGNOSTICS = (("noise_auroc", "AUROC of the selection score (G, or Q for OT)", "AUROC, clean vs noisy"),
                ("prompt_auroc", "AUROC of each side of G alone", "AUROC, clean vs noisy"),
-               ("block_cosine", "blocks' mean cosine (same class)", "cosine"))
+               ("block_cosine", "blocks' mean cosine (same class)", "cosine"),
+               ("class_cosine", "classes' mean cosine (1: no class told apart)", "cosine"))
 
 
 def diagnostics(df: pd.DataFrame, noise_rate: float) -> Figure:
     """Which side of G separates clean from noisy samples, epoch by epoch, and whether the blocks differ:
     the AUROC of G, of the prompt similarity (solid) and of the feature similarity (dotted, fixed by the
-    frozen features), and the blocks' mean cosine (1: collapsed into one prompt). Mean over the runs of
-    each method; band +-1 std."""
+    frozen features), the blocks' mean cosine (1: collapsed into one prompt) and the classes' (1: one
+    feature for every class, as CoOp under heavy noise on some seeds). Mean over the runs of each method;
+    band +-1 std."""
     d = df[(df["noise_rate"] == noise_rate) & (df["status"] != "ERROR")].dropna(subset=["epoch"])
     methods = [m for m in method_order(df) if m in set(d["method"])]
     col = colors(method_order(df))
-    fig = Figure(figsize=(15, 4.6))
-    axes = fig.subplots(1, 3)
+    fig = Figure(figsize=(5 * len(DIAGNOSTICS), 4.6))
+    axes = fig.subplots(1, len(DIAGNOSTICS))
     for ax, (key, title, unit) in zip(axes, DIAGNOSTICS):
         for m in methods:
             dm = d[d["method"] == m]
@@ -169,7 +171,8 @@ def diagnostics(df: pd.DataFrame, noise_rate: float) -> Figure:
     if handles:
         fig.legend(handles, labels, loc="lower center", ncol=min(len(handles), 8), title="method", fontsize=10,
                    bbox_to_anchor=(0.5, -0.02))
-    fig.suptitle(f"{df.attrs.get('name', '')}: the two sides of G and the blocks at {noise_label(noise_rate)} label "
+    fig.suptitle(f"{df.attrs.get('name', '')}: the two sides of G, the blocks and the classes at "
+                 f"{noise_label(noise_rate)} label "
                  f"noise (mean ± std over seeds)", fontsize=13)
     fig.tight_layout(rect=(0, 0.12, 1, 1))
     return fig
