@@ -3,23 +3,25 @@ these tests check what the method does, not only that the plumbing runs.
 
 They guard the effects that fmnist-ablation and fmnist-alpha resolve over ten seeds (docs/testbed.md),
 with margins from those measurements (50 % ptnl noise, seeds 1-10, paired by seed):
-  regime           zero-shot 53.89 %; 16-shot CoOp at 0 % noise 78.09 / 78.98 (seeds 1, 2)
-  robust vs CoOp   m=1 minus CoOp +8.95 [+3.55, +14.34] (95 % t-interval)
-  blocks           m=6 minus m=1 -3.84 [-6.84, -0.85] (m=2 minus m=1 -2.44 [-4.69, -0.19]): more blocks
-                   do not help here
-  alpha            m=1 with alpha_base 1 (the prompt similarity alone) minus the default blend -9.29
-                   [-14.18, -4.41]; alpha_base 0 (the feature similarity alone) -0.65 [-3.15, +1.85], not
-                   resolved, so not guarded (m=6: -8.00 [-13.09, -2.91] and -0.76 [-3.81, +2.28])
-  the two sides    AUROC clean vs noisy of the feature similarity 0.977 at every epoch; of the prompt
-                   similarity (m=1) 0.80 at epoch 0, rising to 0.965 at the last epoch, below the feature
-                   side throughout; G at epoch 0 0.976, selection precision 0.90 (clean share 0.5)
-  NLPrompt         last-epoch selection precision 0.955 ± 0.037; its accuracy is not resolved against CoOp
+  regime           zero-shot 53.88 %; 16-shot CoOp at 0 % noise 78.55 % (seeds 1-10), 63.83 % at 50 %
+  robust vs CoOp   m=1 minus CoOp +10.71 [+2.76, +18.66] (95 % t-interval); m=6 minus CoOp +13.18
+                   [+8.83, +17.52]
+  blocks           m=6 minus m=1 +2.47 [-2.80, +7.73], not resolved (over seeds 1-40: +1.52 [-0.52,
+                   +3.56]), so not guarded; what is resolved is the spread: m=1 loses 10-20 points on a
+                   seed now and then, m=6 does not (std over seeds 7.17 against 1.42; in each ten of
+                   seeds 1-40 at least 2.3 times as large)
+  alpha            m=1 with alpha_base 1 (the prompt similarity alone) minus the default blend -9.99
+                   [-15.27, -4.70]; alpha_base 0 (the feature similarity alone) +0.73 [-4.96, +6.43], not
+                   resolved, so not guarded (m=6: -9.03 [-11.28, -6.78] and -0.11 [-0.86, +0.65])
+  the two sides    AUROC clean vs noisy of the feature similarity 0.978 at every epoch; of the prompt
+                   similarity (m=1) 0.80 at epoch 0, rising to 0.955 at the last epoch, below the feature
+                   side throughout; G at epoch 0 selects with precision 0.90 (clean share 0.5)
+  NLPrompt         last-epoch selection precision 0.966; its accuracy (+8.04 over CoOp with this file's
+                   settings) is guarded by none of these tests
 Every run is deterministic on one machine. Another CPU rounds the stand-in's build differently in the
-last bits, and single seeds then move by up to 10 points; the margins hold on three builds (the one
-above, and this recipe rebuilt with PyTorch's AVX-512 and AVX2 kernels): robust m=1 minus CoOp +7.87 /
-+9.83, m=6 minus m=1 -3.01 / -2.49 (m=2 minus m=1 -1.20 / -0.40: not guarded), the
-prompt side alone -6.37 / -7.22 (docs/testbed.md). The runs of a method train side by side
-(rsnl/members.py), which gives the same numbers as one at a time.
+last bits, and single seeds then move by up to 10 points; docs/testbed.md gives the margins' figures on
+a second build. The runs of a method train side by side (rsnl/members.py), which gives the same numbers
+as one at a time.
 """
 
 import numpy as np
@@ -95,22 +97,25 @@ def test_epoch0_robust_similarity_separates_clean_from_noisy(noisy_runs):
 
 
 def test_robust_filter_beats_coop_under_50_percent_noise(noisy_runs):
-    mean, low, _ = paired_interval(last(noisy_runs["m1"]) - last(noisy_runs["coop"]))
-    assert mean >= 4.0 and low > 0, (mean, low)  # measured +8.95 [+3.55, +14.34]
+    coop = last(noisy_runs["coop"])
+    for name, floor in (("m1", 4.0), ("m6", 6.0)):
+        mean, low, _ = paired_interval(last(noisy_runs[name]) - coop)
+        assert mean >= floor and low > 0, (name, mean, low)  # measured m=1 +10.71 [+2.76], m=6 +13.18 [+8.83]
     # CoOp trains on every sample: its kept share and precision are the sample's
     assert all(h[-1]["kept_frac"] == 1.0 and h[-1]["select_precision"] == 0.5 for h in noisy_runs["coop"])
 
 
-def test_more_blocks_do_not_help_on_the_testbed(noisy_runs):
-    """DTD's m=6 is above m=1; here more blocks are below (docs/testbed.md says why). A change that makes
-    blocks help here changes this result: then the docs' answer must change too."""
-    mean, low, high = paired_interval(last(noisy_runs["m6"]) - last(noisy_runs["m1"]))
-    assert mean <= -1.0, (mean, low, high)  # measured -3.84 / -3.01 / -2.49 on three builds
+def test_more_blocks_make_the_filter_steadier_under_heavy_noise(noisy_runs):
+    """At 50 % noise one block gives up a class or two on some seeds, six blocks do not: their spread over
+    seeds is a fraction of one block's (their mean gain, +2.5 here, is not resolved over 40 seeds)."""
+    m1, m6 = last(noisy_runs["m1"]), last(noisy_runs["m6"])
+    assert m6.std(ddof=1) <= m1.std(ddof=1) / 2, (m1.std(ddof=1), m6.std(ddof=1))  # measured 7.17 vs 1.42
+    assert m6.min() >= m1.min() + 5.0, (m1.min(), m6.min())  # measured 58.7 vs 74.8
 
 
 def test_the_blend_beats_the_prompt_similarity_alone(noisy_runs):
     mean, _, high = paired_interval(last(noisy_runs["m1-prompt"]) - last(noisy_runs["m1"]))
-    assert mean <= -4.0 and high < 0, (mean, high)  # measured -9.29 [-14.18, -4.41]
+    assert mean <= -4.0 and high < 0, (mean, high)  # measured -9.99 [-15.27, -4.70]
     assert all(h[0]["alpha"] == 1.0 for h in noisy_runs["m1-prompt"])
 
 
