@@ -11,7 +11,9 @@ What it learns from (docs/testbed.md has the calibration):
     image's class by one of several words. For five classes (Recipe.known_names) the dataset's own
     class name is one of those words; for the other five it never appears, as many of DTD's texture
     names are rare words for CLIP. Half of the captions name a random class (web caption noise).
-  * CLIP's symmetric contrastive loss, AdamW, warm-up then cosine, 1,000 steps of 256 pairs.
+  * CLIP's symmetric contrastive loss, AdamW, warm-up then cosine, 1,000 steps of 256 pairs;
+  * rsnl-tiny then ships with its temperature set to 24 (it learns about 10): with logits that soft,
+    label noise hurts CoOp less than on DTD.
 
 It is built on first use (rsnl-tiny: 1-2 minutes on 2 CPU cores; rsnl-t4x128: 3-5) and cached under
 $RSNL_CACHE/standin/, in a file named by a hash of the recipe, so a changed recipe never reuses an old
