@@ -94,9 +94,12 @@ def test_same_recipe_gives_the_same_file_bytes(tmp_path, backbone):
 
 
 def test_recipe_digest_names_the_file():
-    r = pretrain.Recipe()
-    assert r.digest("rsnl-tiny") == pretrain.Recipe().digest("rsnl-tiny")
+    r = pretrain.STANDINS["rsnl-tiny", "fashion-mnist"]
+    assert r.digest("rsnl-tiny") == dataclasses.replace(r).digest("rsnl-tiny")
     assert r.digest("rsnl-tiny") != dataclasses.replace(r, steps=r.steps + 1).digest("rsnl-tiny")
+    # the temperature it ships with is part of the recipe: another one is another file
+    assert r.final_logit_scale is not None
+    assert r.digest("rsnl-tiny") != dataclasses.replace(r, final_logit_scale=None).digest("rsnl-tiny")
     path = pretrain.standin_path("rsnl-tiny", "fashion-mnist", "/c")
     assert str(path) == f"/c/standin/rsnl-tiny-fashion-mnist-{r.digest('rsnl-tiny')}.safetensors"
 
