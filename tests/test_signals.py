@@ -91,3 +91,30 @@ def test_sigterm_stops_a_background_driver_in_every_phase_and_the_study_resumes(
         rows = results_of(exp / t.user_attrs["trial_folder"])
         assert sorted({r["epoch"] for r in rows}) == list(range(EPOCHS))
         assert sorted(t.intermediate_values) == list(range(EPOCHS))
+
+
+AFTER_SHUTDOWN = """
+import os, signal, sys, ray
+from tune.stopping import STOP
+STOP.install()
+with STOP.ray_start():
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+with STOP.waiting_phase():
+    ray.shutdown()
+try:
+    os.kill(os.getpid(), signal.SIGTERM)
+    signal.sigtimedwait([], 1.0)
+except KeyboardInterrupt:
+    print("stopped cleanly")
+"""
+
+
+def test_sigterm_after_ray_shuts_down_is_still_the_drivers(env):
+    """Ray's core resets SIGTERM to the default in the kernel at shutdown, where Python cannot see it; the
+    driver's write-out after that must still answer a SIGTERM with its clean stop, not die of it."""
+    import subprocess
+    import sys
+    from drivers import REPO
+    p = subprocess.run([sys.executable, "-c", AFTER_SHUTDOWN], env=env, cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0 and "stopped cleanly" in p.stdout, (p.returncode, p.stdout, p.stderr[-3000:])

@@ -110,19 +110,25 @@ class Stop:
     @contextlib.contextmanager
     def ray_start(self):
         """Around ray.init, which would set SIGTERM handlers of its own (exit at once, then shut its node
-        down and exit 1) and whose core installs one that aborts: the driver's handler stays or is set
-        again, and a request stops the driver once Ray is up."""
+        down and exit 1): the driver's handler stays, and a request stops the driver once Ray is up.
+
+        The driver's Ray core is also started without its crash handler: it takes SIGTERM over (abort)
+        and, at ray.shutdown, resets SIGTERM to the default in the kernel while Python still names the
+        driver's handler, so a SIGTERM in the final write-out would kill the driver without a word. The
+        driver's crash traces are what that costs; the workers keep theirs."""
         if not self.installed:
             yield
             return
+        import ray._private.ray_constants as ray_constants
         import ray._private.utils as ray_utils
-        keep = ray_utils.set_sigterm_handler
+        keep = ray_utils.set_sigterm_handler, ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER
         ray_utils.set_sigterm_handler = lambda handler: None
+        ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
         try:
             with self.waiting_phase():
                 yield
         finally:
-            ray_utils.set_sigterm_handler = keep
+            ray_utils.set_sigterm_handler, ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = keep
             self._own()
 
     @contextlib.contextmanager
