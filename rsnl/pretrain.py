@@ -251,8 +251,9 @@ def pretrain(backbone: str, recipe: Recipe, out, data_root=None, progress: bool 
                                                   0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, recipe.steps - warm))))
         g = torch.Generator().manual_seed(recipe.seed)
         B = recipe.batch_size
+        # in a log (no terminal) every redraw is kept: one every 30 s there, as the study's progress line
         bar = tqdm(range(recipe.steps), desc=f"pretraining {backbone}", unit="step", disable=not progress,
-                   mininterval=1.0)
+                   mininterval=1.0 if sys.stderr.isatty() else 30.0)
         loss = torch.tensor(float("nan"))
         for _ in bar:
             i = torch.randint(len(pixels), (B,), generator=g)
