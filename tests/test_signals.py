@@ -6,14 +6,17 @@ tuning loop, and the final write-out after Tune's loop. Each moment is a process
 own, never a sleep. Every time it exits with 130 and says how to go on; the resumes then finish the study
 with every trial run once. The SIGINT it gets on the way is ignored, as the shell meant; a driver in the
 foreground stops on Ctrl-C, and a SIGTERM during that clean stop ends it at once. While a driver runs, a
-second one on the same study is refused.
+second one on the same study is refused. A SIGTERM after ray.shutdown is still the driver's to answer
+(Ray's core would reset it to the default there, unseen by Python).
 """
 
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 
-from drivers import Driver, launch, record, results_of
+from drivers import REPO, Driver, launch, record, results_of
 
 NAME = "quickstart-smoke"
 EPOCHS = 2
@@ -94,7 +97,7 @@ def test_sigterm_stops_a_background_driver_in_every_phase_and_the_study_resumes(
 
 
 AFTER_SHUTDOWN = """
-import os, signal, sys, ray
+import os, signal, ray
 from tune.stopping import STOP
 STOP.install()
 with STOP.ray_start():
@@ -112,9 +115,6 @@ except KeyboardInterrupt:
 def test_sigterm_after_ray_shuts_down_is_still_the_drivers(env):
     """Ray's core resets SIGTERM to the default in the kernel at shutdown, where Python cannot see it; the
     driver's write-out after that must still answer a SIGTERM with its clean stop, not die of it."""
-    import subprocess
-    import sys
-    from drivers import REPO
     p = subprocess.run([sys.executable, "-c", AFTER_SHUTDOWN], env=env, cwd=REPO, capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 0 and "stopped cleanly" in p.stdout, (p.returncode, p.stdout, p.stderr[-3000:])
